@@ -1,0 +1,37 @@
+# The two commands of the README, and the pieces they are made of.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test install install-dev lint unit simulate bench clean
+
+serve: install  ## install, then run the API and one worker node (embedded PostgreSQL without DATABASE_URL)
+	$(BIN)/taskqueue serve
+
+test: install-dev lint  ## install with test tools, then run every check and the test suite
+	$(BIN)/pytest
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+simulate: install  ## every scenario through the simulator, charts into sim-out/
+	$(BIN)/simulate scenarios/*.yaml --out sim-out
+
+bench: install-dev  ## benchmarks (not part of the test run)
+	$(BIN)/python -m loadtest.bench_simulator
+
+clean:
+	rm -rf $(VENV) sim-out .pytest_cache .mypy_cache .ruff_cache

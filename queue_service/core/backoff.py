@@ -1,0 +1,34 @@
+"""Retry timing (SPEC §6): exponential backoff with jitter derived from a hash, not a clock or RNG.
+
+Because the jitter is a function of (job_id, attempt), the live worker and the
+simulator compute the very same delay for the same failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from queue_service.core.model import RetryConfig
+
+_UNIT_DENOMINATOR = float(2**64)
+
+
+def jitter_fraction(job_id: str, attempt: int) -> float:
+    """A stable value u in [0, 1) for this job's attempt."""
+    digest = hashlib.blake2b(f"{job_id}\x00{attempt}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / _UNIT_DENOMINATOR
+
+
+def backoff_delay(config: RetryConfig, job_id: str, failed_attempt: int) -> float:
+    """Seconds to wait after failed attempt n (1-based) before the job is ready again.
+
+    min(max_delay, initial × multiplier^(n−1)) × (1 − jitter × u)
+    """
+    if failed_attempt < 1:
+        raise ValueError("attempts are numbered from 1")
+    try:
+        raw = config.initial_delay_seconds * config.backoff_multiplier ** (failed_attempt - 1)
+    except OverflowError:  # a huge exponent: the cap applies anyway
+        raw = config.max_delay_seconds
+    capped = min(config.max_delay_seconds, raw)
+    return capped * (1.0 - config.jitter * jitter_fraction(job_id, failed_attempt))

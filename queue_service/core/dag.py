@@ -1,0 +1,103 @@
+"""Dependency rules (SPEC §3, §4): list checks, cycle detection, readiness and propagation."""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import networkx as nx
+
+from queue_service.core.errors import DependencyCycle, DependencyNotViable, FieldProblem, UnknownDependency
+from queue_service.core.model import CancelReason, FailureReason, JobStatus
+
+
+def dependency_list_problems(job_id: str, depends_on: Sequence[str]) -> list[FieldProblem]:
+    """Duplicates and self-references in one job's `depends_on`."""
+    problems = []
+    duplicates = sorted(dep for dep, count in Counter(depends_on).items() if count > 1)
+    if duplicates:
+        problems.append(FieldProblem(("depends_on",), f"duplicate dependencies: {', '.join(duplicates)}"))
+    if job_id in depends_on:
+        problems.append(FieldProblem(("depends_on",), "a job cannot depend on itself"))
+    return problems
+
+
+def find_cycle(depends_on: Mapping[str, Sequence[str]]) -> list[str] | None:
+    """A dependency cycle among the given jobs, as a closed path, or None.
+
+    The path follows `depends_on` edges and starts and ends at the member that
+    comes first in the mapping's order, e.g. ["job_a", "job_c", "job_b", "job_a"]
+    for a→c→b→a, so the same batch always names the same cycle.
+    """
+    graph: nx.DiGraph[str] = nx.DiGraph()
+    graph.add_nodes_from(depends_on)
+    for job_id, deps in depends_on.items():
+        graph.add_edges_from((job_id, dep) for dep in deps)
+    try:
+        edges = nx.find_cycle(graph, source=list(depends_on))
+    except nx.NetworkXNoCycle:
+        return None
+    members = [edge[0] for edge in edges]
+    position = {job_id: i for i, job_id in enumerate(depends_on)}
+    first = min(range(len(members)), key=lambda i: position.get(members[i], len(position)))
+    rotated = members[first:] + members[:first]
+    return [*rotated, rotated[0]]
+
+
+def check_acyclic(depends_on: Mapping[str, Sequence[str]]) -> None:
+    cycle = find_cycle(depends_on)
+    if cycle is not None:
+        raise DependencyCycle(cycle)
+
+
+def count_unfinished(
+    depends_on: Sequence[str],
+    existing_status: Mapping[str, JobStatus],
+    batch_ids: Iterable[str] = (),
+) -> int:
+    """How many dependencies are not yet completed, after checking they can complete.
+
+    `existing_status` holds the stored jobs among `depends_on`; `batch_ids` the ids
+    submitted together with this job (they are new, hence unfinished). Raises
+    UnknownDependency for ids in neither, DependencyNotViable for ones already
+    failed or cancelled.
+    """
+    in_batch = set(batch_ids)
+    missing = [dep for dep in depends_on if dep not in existing_status and dep not in in_batch]
+    if missing:
+        raise UnknownDependency(missing)
+    dead = [
+        (dep, existing_status[dep].value)
+        for dep in depends_on
+        if dep not in in_batch and existing_status[dep] in (JobStatus.FAILED, JobStatus.CANCELLED)
+    ]
+    if dead:
+        raise DependencyNotViable(dead)
+    return sum(1 for dep in depends_on if dep in in_batch or existing_status[dep] is not JobStatus.COMPLETED)
+
+
+def descendants_in_order(root: str, dependants: Callable[[str], Iterable[str]]) -> list[str]:
+    """Every job that transitively depends on `root`, breadth first, ties by id."""
+    seen = {root}
+    order: list[str] = []
+    frontier = deque([root])
+    while frontier:
+        for child in sorted(dependants(frontier.popleft())):
+            if child not in seen:
+                seen.add(child)
+                order.append(child)
+                frontier.append(child)
+    return order
+
+
+def propagated_end(ancestor_status: JobStatus) -> tuple[JobStatus, FailureReason | CancelReason]:
+    """What a waiting descendant becomes when an ancestor ends failed or cancelled."""
+    if ancestor_status is JobStatus.FAILED:
+        return JobStatus.FAILED, FailureReason.DEPENDENCY_FAILED
+    if ancestor_status is JobStatus.CANCELLED:
+        return JobStatus.CANCELLED, CancelReason.DEPENDENCY_CANCELLED
+    raise ValueError(f"only failed or cancelled ends propagate, not {ancestor_status}")
+
+
+def propagation_message(ancestor_id: str, ancestor_status: JobStatus) -> str:
+    return f"dependency {ancestor_id} {ancestor_status.value}"

@@ -8,11 +8,11 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
+import matplotlib.pyplot as plt
+from matplotlib.patches import Patch
 
-from queue_service.core.model import AttemptOutcome  # noqa: E402
-from simulator.runner import ScenarioRun  # noqa: E402
+from queue_service.core.model import AttemptOutcome
+from simulator.runner import ScenarioRun
 
 OUTCOME_COLOURS = {
     AttemptOutcome.SUCCEEDED: "#2e7d32",

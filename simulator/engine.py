@@ -13,6 +13,7 @@ from itertools import groupby
 from typing import Any
 
 import simpy
+from simpy.events import EventPriority
 from sortedcontainers import SortedKeyList
 
 from queue_service.core import dag, execution, states
@@ -26,7 +27,7 @@ from simulator.scenario import Scenario
 # SimPy orders same-instant events by (priority, insertion). URGENT=0 and NORMAL=1
 # are SimPy's own; dispatch runs after every normal event of the instant, so plan()
 # sees all simultaneous arrivals and completions together, as the live worker does.
-DISPATCH_PRIORITY = 2
+DISPATCH_PRIORITY = EventPriority(2)
 
 
 class _AfterInstant(simpy.Event):
@@ -51,7 +52,9 @@ class Simulation:
         # Independent capacity check: the policy decides; the containers only count.
         self.cpu = simpy.Container(self.env, capacity=self.capacity.cpu_units, init=self.capacity.cpu_units)
         self.memory = simpy.Container(self.env, capacity=self.capacity.memory_mb, init=self.capacity.memory_mb)
-        self.jobs = {job.spec.job_id: JobRecord(job.spec, job.work, job.submit_at, job.cancel_at) for job in scenario.jobs}
+        self.jobs = {
+            job.spec.job_id: JobRecord(job.spec, job.work, job.submit_at, job.cancel_at) for job in scenario.jobs
+        }
         self.dependants: dict[str, list[str]] = defaultdict(list)
         self.ready: SortedKeyList = SortedKeyList(key=lambda cand: cand.queue_order)
         self.candidates: dict[str, Candidate] = {}

@@ -1,20 +1,20 @@
 """The `expect` vocabulary of scenario files: declarative assertions over a run.
 
-    start_order: [a, b, c]            first starts happen in this order
-    starts_before: [[a, b], ...]      a first starts strictly earlier than b
-    status: {a: completed, ...}       final status per job
-    all_status: completed             every accepted job ends so
-    failure_reason: {a: permanent_error}
-    cancel_reason: {a: user}
-    never_started: [a, ...]           no attempt ever started
-    attempts: {a: 3}                  attempts started
-    retry_delays: {a: [1.0, 2.0]}     seconds from each failure to ready again
-    backfilled: [a, ...]              first start jumped a reserved head
-    blocked_then_ready: [a, ...]      waited blocked, then became ready
-    rejected: {code: dependency_cycle, cycle: [a, c, b, a]}
-    max_makespan: 12.0                makespan at most this many seconds
-    makespan_within_lower_bound: 0.05 makespan ≤ (1 + x) × lower bound
-    min_backfills: 1                  at least this many backfill starts
+start_order: [a, b, c]            first starts happen in this order
+starts_before: [[a, b], ...]      a first starts strictly earlier than b
+status: {a: completed, ...}       final status per job
+all_status: completed             every accepted job ends so
+failure_reason: {a: permanent_error}
+cancel_reason: {a: user}
+never_started: [a, ...]           no attempt ever started
+attempts: {a: 3}                  attempts started
+retry_delays: {a: [1.0, 2.0]}     seconds from each failure to ready again
+backfilled: [a, ...]              first start jumped a reserved head
+blocked_then_ready: [a, ...]      waited blocked, then became ready
+rejected: {code: dependency_cycle, cycle: [a, c, b, a]}
+max_makespan: 12.0                makespan at most this many seconds
+makespan_within_lower_bound: 0.05 makespan ≤ (1 + x) × lower bound
+min_backfills: 1                  at least this many backfill starts
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _job_ids(spec: Any, name: str) -> list[str]:
 
 def _start_order(ctx: Context, spec: Any) -> Check:
     ids = _job_ids(spec, "start_order")
-    firsts = [(_job(ctx[0], j).attempts or [None])[0] for j in ids]
+    firsts = [next(iter(_job(ctx[0], j).attempts), None) for j in ids]
     missing = [j for j, a in zip(ids, firsts, strict=True) if a is None]
     if missing:
         return Check("expect start_order", False, f"never started: {', '.join(missing)}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 from queue_service.core.backoff import jitter_fraction
 from queue_service.core.model import ZERO, JobStatus, Resources
@@ -124,7 +125,9 @@ def check_priority_order(monitor: DispatchMonitor) -> Check:
 
 
 def check_backfill(monitor: DispatchMonitor) -> Check:
-    evidence = f"{monitor.backfills} backfills" + (f", first {monitor.first_backfill}" if monitor.first_backfill else "")
+    evidence = f"{monitor.backfills} backfills" + (
+        f", first {monitor.first_backfill}" if monitor.first_backfill else ""
+    )
     return Check(
         "backfill never delays the reserved head",
         not monitor.delay_violations,
@@ -195,7 +198,9 @@ def check_failed_dependants(result: SimulationResult) -> Check:
 
 
 def check_terminal(result: SimulationResult) -> Check:
-    open_jobs = [f"{job.job_id} is {job.status}" for job in result.accepted if not (job.status and job.status.is_terminal)]
+    open_jobs = [
+        f"{job.job_id} is {job.status}" for job in result.accepted if not (job.status and job.status.is_terminal)
+    ]
     counts: dict[str, int] = defaultdict(int)
     for job in result.accepted:
         counts[str(job.status)] += 1
@@ -209,7 +214,7 @@ def check_attempts(result: SimulationResult) -> Check:
         numbers = [a.attempt for a in job.attempts]
         if numbers != list(range(1, len(numbers) + 1)):
             bad.append(f"{job.job_id} attempts numbered {numbers}")
-        for before, after in zip(job.attempts, job.attempts[1:], strict=False):
+        for before, after in pairwise(job.attempts):
             if before.ended_at is None or before.ended_at > after.started_at + TIME_TOLERANCE:
                 bad.append(f"{job.job_id} attempts {before.attempt} and {after.attempt} overlap")
         if job.counted_attempts > job.spec.retry.max_attempts:

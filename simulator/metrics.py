@@ -4,10 +4,11 @@ and a lower bound on the makespan that no schedule of the same work can beat."""
 from __future__ import annotations
 
 import statistics
-from graphlib import TopologicalSorter
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from graphlib import TopologicalSorter
+from itertools import pairwise
 
 from queue_service.core.model import Priority
 from simulator.records import JobRecord, SimulationResult
@@ -51,7 +52,7 @@ def utilization(result: SimulationResult) -> tuple[float, float]:
         return 0.0, 0.0
     cpu_area = memory_area = 0.0
     samples = result.usage
-    for current, following in zip(samples, samples[1:], strict=False):
+    for current, following in pairwise(samples):
         width = max(0.0, min(following.at, start + span) - max(current.at, start))
         cpu_area += current.used.cpu_units * width
         memory_area += current.used.memory_mb * width
@@ -86,12 +87,14 @@ def _exclusion_bound(result: SimulationResult) -> tuple[float, str]:
     so their attempts alone need at least their best k-lane packing."""
     best, reason = 0.0, ""
     cap = result.capacity
-    for name, capacity, need_of in (
-        ("CPU", cap.cpu_units, lambda job: job.spec.resources.cpu_units),
-        ("memory", cap.memory_mb, lambda job: job.spec.resources.memory_mb),
-    ):
+    for name, capacity, dimension in (("CPU", cap.cpu_units, "cpu_units"), ("memory", cap.memory_mb, "memory_mb")):
         for slots in (1, 2, 3):
-            pieces = [t for job in result.accepted if need_of(job) * (slots + 1) > capacity for t in _run_times(job)]
+            pieces = [
+                t
+                for job in result.accepted
+                if getattr(job.spec.resources, dimension) * (slots + 1) > capacity
+                for t in _run_times(job)
+            ]
             if not pieces:
                 continue
             if len(pieces) <= EXACT_PACKING_LIMIT[slots]:

@@ -62,7 +62,10 @@ def render(run: ScenarioRun, *, full_timeline: bool) -> str:
     if full_timeline or len(rows) - 2 <= TIMELINE_ROWS_SHOWN:
         lines += rows
     else:
-        lines += [*rows[: TIMELINE_ROWS_SHOWN + 2], f"… {len(rows) - 2 - TIMELINE_ROWS_SHOWN} more jobs in the report file"]
+        lines += [
+            *rows[: TIMELINE_ROWS_SHOWN + 2],
+            f"… {len(rows) - 2 - TIMELINE_ROWS_SHOWN} more jobs in the report file",
+        ]
     if result.rejections:
         lines += ["", "Rejected at submission"]
         lines += [f"t={_t(r.at)}: {', '.join(r.job_ids)} → {r.code}: {r.detail}" for r in result.rejections]

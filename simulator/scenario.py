@@ -16,6 +16,9 @@ from queue_service.core.model import JobSpec, Priority, Resources, SimulatedWork
 from queue_service.core.policy import PolicyConfig
 from queue_service.core.validation import parse_job_spec, simulated_work
 
+# libyaml's loader when present: same safe subset, several times faster on large loads.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 SCENARIO_FIELDS = frozenset({"name", "description", "capacity", "policy", "jobs", "expect"})
 SCHEDULE_FIELDS = frozenset({"submit_at", "cancel_at", "simulate"})
 
@@ -130,7 +133,7 @@ def parse_scenario(data: object, default_name: str) -> Scenario:
 
 def load_scenario(path: Path) -> Scenario:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_SafeLoader)
     except yaml.YAMLError as error:
         raise ScenarioError(f"{path.name}: not valid YAML: {error}") from error
     try:

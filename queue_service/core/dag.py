@@ -29,6 +29,8 @@ def find_cycle(depends_on: Mapping[str, Sequence[str]]) -> list[str] | None:
     comes first in the mapping's order, e.g. ["job_a", "job_c", "job_b", "job_a"]
     for a→c→b→a, so the same batch always names the same cycle.
     """
+    if not any(dep in depends_on for deps in depends_on.values() for dep in deps):
+        return None  # no edge stays inside the group, so no cycle can close in it
     graph: nx.DiGraph[str] = nx.DiGraph()
     graph.add_nodes_from(depends_on)
     for job_id, deps in depends_on.items():

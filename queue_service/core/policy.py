@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from queue_service.core import constants as c
 from queue_service.core.model import ZERO, Priority, Resources
@@ -93,9 +94,12 @@ class Start:
         return self.passed is not None
 
 
+_QUEUE_ORDER = attrgetter("sort_key", "job_id")
+
+
 def queue_window(candidates: Iterable[Candidate], window: int) -> list[Candidate]:
     """The first `window` candidates in queue order, ties broken by job id."""
-    return sorted(candidates, key=lambda cand: cand.queue_order)[:window]
+    return sorted(candidates, key=_QUEUE_ORDER)[:window]
 
 
 def used_resources(running: Iterable[RunningJob]) -> Resources:
@@ -142,6 +146,8 @@ def plan(
     reservation: Reservation | None = None
 
     for cand in queue_window(candidates, policy.candidate_window):
+        if free.cpu_units < 1 or free.memory_mb < 1:
+            break  # every job needs at least one of each (SPEC §3): nothing more can start
         if not cand.resources.fits_in(capacity) or not cand.resources.fits_in(free):
             if reservation is None and cand.resources.fits_in(capacity):
                 if not policy.backfill:

@@ -1,0 +1,319 @@
+"""The declared PostgreSQL schema (SPEC §7) as SQLAlchemy Core tables.
+
+This is the schema the code is written against; `migrations/` builds it, and a
+migration test diffs the two. Invariants of the job model live here as named
+CHECK constraints, so that even a buggy worker cannot oversubscribe a node, run a
+job with unfinished dependencies or hold two running attempts of one job: the
+database refuses, and `db.engine.translate_errors` turns the refusal into a
+project error by constraint name.
+
+Statuses and priorities are text with CHECKs rather than PostgreSQL enums: adding
+a value is then a constraint swap, not an `ALTER TYPE` that cannot run in a
+transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Final
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+from queue_service.core.model import AttemptOutcome, CancelReason, FailureReason, JobStatus, Priority
+
+# Constraint names are part of the contract (translate_errors keys on them), so
+# none is left to the server's defaults. CHECKs carry explicit, schema-unique names.
+NAMING_CONVENTION: Final = {
+    "pk": "pk_%(table_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+}
+
+metadata = sa.MetaData(naming_convention=NAMING_CONVENTION)
+
+# Names translate_errors and the repositories refer to.
+JOBS_PK: Final = "pk_jobs"
+JOBS_IDEMPOTENCY_KEY_UNIQUE: Final = "uq_jobs_idempotency_key"
+DEPENDENCY_TARGET_FK: Final = "fk_job_dependencies_depends_on_job_id_jobs"
+ATTEMPTS_PK: Final = "pk_job_attempts"
+ONE_RUNNING_ATTEMPT: Final = "ux_job_attempts_one_running"
+NODE_CPU_CHECK: Final = "node_cpu_within_capacity"
+NODE_MEMORY_CHECK: Final = "node_memory_within_capacity"
+
+NODE_STATUSES: Final = ("active", "draining", "stopped", "lost")
+EVENT_LEVELS: Final = ("debug", "info", "warning", "error")
+MISFIRE_POLICIES: Final = ("skip", "run_once")
+
+_NOW = sa.text("now()")
+_EMPTY_OBJECT = sa.text("'{}'::jsonb")
+
+
+def _in(column: str, values: Iterable[str]) -> str:
+    """`column IN ('a', 'b')` for a CHECK over our own enum members (quoted as SQL literals)."""
+    literals = ", ".join("'" + str(value).replace("'", "''") + "'" for value in values)
+    return f"{column} IN ({literals})"
+
+
+def _timestamp(name: str, *, nullable: bool = True, now_default: bool = False) -> sa.Column[datetime]:
+    return sa.Column(
+        name,
+        sa.DateTime(timezone=True),
+        nullable=nullable,
+        server_default=_NOW if now_default else None,
+    )
+
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("job_id", sa.Text, primary_key=True),
+    sa.Column("type", sa.Text, nullable=False),
+    sa.Column("priority", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("payload", JSONB, nullable=False, server_default=_EMPTY_OBJECT),
+    sa.Column("cpu_units", sa.Integer, nullable=False),
+    sa.Column("memory_mb", sa.Integer, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("backoff_multiplier", sa.Double, nullable=False),
+    sa.Column("initial_delay_seconds", sa.Double, nullable=False),
+    sa.Column("max_delay_seconds", sa.Double, nullable=False),
+    sa.Column("jitter", sa.Double, nullable=False),
+    sa.Column("timeout_seconds", sa.Double, nullable=False),
+    sa.Column("idempotency_key", sa.Text, nullable=True, unique=True),
+    # sha256 of the canonical submitted body: same key/id + same hash is a replay, else 409.
+    sa.Column("request_hash", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),  # started, numbered 1..n for life
+    sa.Column("counted_attempts", sa.Integer, nullable=False, server_default="0"),  # those against the budget
+    sa.Column("attempt_budget", sa.Integer, nullable=False),  # max_attempts granted so far; a re-drive adds more
+    sa.Column("unfinished_deps", sa.Integer, nullable=False, server_default="0"),  # unblocking by counter
+    _timestamp("created_at", nullable=False, now_default=True),
+    _timestamp("updated_at", nullable=False, now_default=True),
+    _timestamp("ready_at"),
+    _timestamp("started_at"),
+    _timestamp("finished_at"),
+    _timestamp("next_attempt_at"),
+    # Epoch seconds of ready_at minus the priority head start (core.policy.sort_key):
+    # static, so the ready-queue index serves queue order.
+    sa.Column("sort_key", sa.Double, nullable=True),
+    sa.Column("lease_token", UUID(as_uuid=True), nullable=True),
+    _timestamp("lease_expires_at"),
+    sa.Column("worker_id", sa.Text, nullable=True),  # node of the latest attempt; kept after it ends
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("failure_reason", sa.Text, nullable=True),
+    sa.Column("cancel_reason", sa.Text, nullable=True),
+    sa.Column("result", JSONB, nullable=True),
+    sa.CheckConstraint(_in("priority", Priority), name="priority_valid"),
+    sa.CheckConstraint(_in("status", JobStatus), name="status_valid"),
+    sa.CheckConstraint(f"failure_reason IS NULL OR {_in('failure_reason', FailureReason)}", name="failure_reason_valid"),
+    sa.CheckConstraint(f"cancel_reason IS NULL OR {_in('cancel_reason', CancelReason)}", name="cancel_reason_valid"),
+    sa.CheckConstraint("status <> 'failed' OR failure_reason IS NOT NULL", name="failed_has_reason"),
+    sa.CheckConstraint("status <> 'cancelled' OR cancel_reason IS NOT NULL", name="cancelled_has_reason"),
+    sa.CheckConstraint("char_length(type) BETWEEN 1 AND 64", name="type_length"),
+    sa.CheckConstraint("cpu_units >= 1", name="cpu_units_positive"),
+    sa.CheckConstraint("memory_mb >= 1", name="memory_mb_positive"),
+    sa.CheckConstraint(
+        "max_attempts >= 1 AND backoff_multiplier >= 1 AND initial_delay_seconds >= 0"
+        " AND max_delay_seconds >= initial_delay_seconds AND jitter BETWEEN 0 AND 1",
+        name="retry_config_valid",
+    ),
+    sa.CheckConstraint("timeout_seconds > 0", name="timeout_positive"),
+    sa.CheckConstraint(
+        "counted_attempts >= 0 AND counted_attempts <= attempts AND counted_attempts <= attempt_budget",
+        name="attempt_counts_valid",
+    ),
+    sa.CheckConstraint("unfinished_deps >= 0", name="unfinished_deps_non_negative"),
+    # Dependencies respected, in the database: only a job with every dependency
+    # completed may be ready, run, retry or complete; a blocked one waits on some.
+    sa.CheckConstraint(
+        "status IN ('failed', 'cancelled') OR (status = 'blocked') = (unfinished_deps > 0)",
+        name="blocked_iff_unfinished_deps",
+    ),
+    sa.CheckConstraint("status <> 'ready' OR (ready_at IS NOT NULL AND sort_key IS NOT NULL)", name="ready_is_queued"),
+    sa.CheckConstraint("status <> 'retrying' OR next_attempt_at IS NOT NULL", name="retrying_has_due_time"),
+    # A lease exists exactly while an attempt runs: fencing needs a token to check.
+    sa.CheckConstraint(
+        "(status = 'running') = (lease_token IS NOT NULL AND lease_expires_at IS NOT NULL)",
+        name="lease_held_iff_running",
+    ),
+)
+
+# Hot paths (SPEC §7), each O(log n): the index columns match the query's ORDER BY.
+sa.Index("ix_jobs_ready_queue", jobs.c.sort_key, jobs.c.job_id, postgresql_where=jobs.c.status == "ready")
+sa.Index("ix_jobs_retry_due", jobs.c.next_attempt_at, postgresql_where=jobs.c.status == "retrying")
+sa.Index("ix_jobs_lease_expiry", jobs.c.lease_expires_at, postgresql_where=jobs.c.status == "running")
+# Keyset listing, newest first: WHERE (created_at, job_id) < (:c, :id) ORDER BY created_at DESC, job_id DESC.
+sa.Index("ix_jobs_created", jobs.c.created_at.desc(), jobs.c.job_id.desc())
+sa.Index("ix_jobs_status_created", jobs.c.status, jobs.c.created_at.desc(), jobs.c.job_id.desc())
+sa.Index("ix_jobs_type_created", jobs.c.type, jobs.c.created_at.desc(), jobs.c.job_id.desc())
+# The dead-letter queue: failed jobs, most recently failed first.
+sa.Index(
+    "ix_jobs_dead_letter",
+    jobs.c.finished_at.desc(),
+    jobs.c.job_id.desc(),
+    postgresql_where=jobs.c.status == "failed",
+)
+
+job_dependencies = sa.Table(
+    "job_dependencies",
+    metadata,
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.job_id", ondelete="CASCADE"), primary_key=True),
+    # No cascade: a job others depend on is not deleted from under them.
+    sa.Column("depends_on_job_id", sa.Text, sa.ForeignKey("jobs.job_id"), primary_key=True),
+    sa.CheckConstraint("job_id <> depends_on_job_id", name="dependency_not_self"),
+)
+# Completion finds its dependants through this index, then decrements their counters.
+sa.Index("ix_job_dependencies_depends_on_job_id", job_dependencies.c.depends_on_job_id)
+
+job_attempts = sa.Table(
+    "job_attempts",
+    metadata,
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.job_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    sa.Column("node_id", sa.Text, nullable=False),  # no FK: history outlives the node's row
+    _timestamp("started_at", nullable=False),
+    _timestamp("ended_at"),
+    sa.Column("outcome", sa.Text, nullable=True),  # NULL while the attempt runs
+    sa.Column("error", sa.Text, nullable=True),
+    sa.Column("lease_token", UUID(as_uuid=True), nullable=False),
+    sa.CheckConstraint("attempt >= 1", name="attempt_number_positive"),
+    sa.CheckConstraint(f"outcome IS NULL OR {_in('outcome', AttemptOutcome)}", name="attempt_outcome_valid"),
+    sa.CheckConstraint("(ended_at IS NULL) = (outcome IS NULL)", name="attempt_ended_iff_outcome"),
+)
+# At most one running attempt per job (SPEC §6), enforced by the database itself.
+sa.Index(
+    ONE_RUNNING_ATTEMPT,
+    job_attempts.c.job_id,
+    unique=True,
+    postgresql_where=job_attempts.c.outcome.is_(None),
+)
+
+job_events = sa.Table(
+    "job_events",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.job_id", ondelete="CASCADE"), nullable=False),
+    _timestamp("at", nullable=False, now_default=True),
+    sa.Column("attempt", sa.Integer, nullable=True),
+    sa.Column("level", sa.Text, nullable=False, server_default="info"),
+    sa.Column("event", sa.Text, nullable=False),
+    sa.Column("message", sa.Text, nullable=False, server_default=""),
+    sa.Column("data", JSONB, nullable=False, server_default=_EMPTY_OBJECT),
+    sa.CheckConstraint(_in("level", EVENT_LEVELS), name="event_level_valid"),
+)
+# A job's log, oldest first, without a sort.
+sa.Index("ix_job_events_job_id_id", job_events.c.job_id, job_events.c.id)
+
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("node_id", sa.Text, primary_key=True),
+    sa.Column("cpu_capacity", sa.Integer, nullable=False),
+    sa.Column("memory_capacity", sa.Integer, nullable=False),
+    sa.Column("cpu_used", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("memory_used", sa.Integer, nullable=False, server_default="0"),
+    _timestamp("started_at", nullable=False, now_default=True),
+    _timestamp("heartbeat_at", nullable=False, now_default=True),
+    sa.Column("status", sa.Text, nullable=False, server_default="active"),
+    sa.CheckConstraint("cpu_capacity >= 1 AND memory_capacity >= 1", name="node_capacity_positive"),
+    # Capacity is never exceeded, not for an instant (SPEC §1, §5).
+    sa.CheckConstraint("cpu_used BETWEEN 0 AND cpu_capacity", name=NODE_CPU_CHECK),
+    sa.CheckConstraint("memory_used BETWEEN 0 AND memory_capacity", name=NODE_MEMORY_CHECK),
+    sa.CheckConstraint(_in("status", NODE_STATUSES), name="node_status_valid"),
+)
+
+schedules = sa.Table(
+    "schedules",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("cron", sa.Text, nullable=False),
+    sa.Column("timezone", sa.Text, nullable=False, server_default="UTC"),
+    sa.Column("job_template", JSONB, nullable=False),
+    sa.Column("enabled", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("misfire", sa.Text, nullable=False, server_default="skip"),
+    _timestamp("next_fire_at"),
+    _timestamp("last_fired_at"),
+    _timestamp("created_at", nullable=False, now_default=True),
+    _timestamp("updated_at", nullable=False, now_default=True),
+    sa.CheckConstraint(_in("misfire", MISFIRE_POLICIES), name="schedule_misfire_valid"),
+)
+sa.Index("ix_schedules_due", schedules.c.next_fire_at, postgresql_where=schedules.c.enabled)
+
+# Queue depth by (status, priority) without scanning jobs (SPEC §8). Each row is a
+# signed delta appended by a statement-level trigger; depth is SUM(delta) per key.
+# Append-only rather than one counter row per key, because a shared counter row
+# would be locked by every transaction that changes a status until it commits:
+# concurrent dispatches and completions would queue on it and could deadlock by
+# touching two keys in opposite orders. queue_counters_compact() folds the rows
+# back to at most one per key; a leader runs it periodically.
+queue_counters = sa.Table(
+    "queue_counters",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("priority", sa.Text, nullable=False),
+    sa.Column("delta", sa.BigInteger, nullable=False),
+)
+
+# The trigger machinery, as DDL the declared schema runs after create_all. The
+# migration carries its own frozen copy; the migration test checks they agree.
+QUEUE_COUNTER_FUNCTIONS: Final = (
+    """
+CREATE FUNCTION queue_counters_apply() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO queue_counters (status, priority, delta)
+        SELECT status, priority, count(*) FROM new_rows GROUP BY status, priority;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO queue_counters (status, priority, delta)
+        SELECT status, priority, -count(*) FROM old_rows GROUP BY status, priority;
+    ELSE
+        INSERT INTO queue_counters (status, priority, delta)
+        SELECT status, priority, sum(delta) FROM (
+            SELECT status, priority, 1 AS delta FROM new_rows
+            UNION ALL
+            SELECT status, priority, -1 AS delta FROM old_rows
+        ) AS changes
+        GROUP BY status, priority
+        HAVING sum(delta) <> 0;
+    END IF;
+    RETURN NULL;
+END
+$$
+""",
+    """
+CREATE FUNCTION queue_counters_compact() RETURNS void
+LANGUAGE sql AS $$
+    WITH folded AS (
+        DELETE FROM queue_counters RETURNING status, priority, delta
+    )
+    INSERT INTO queue_counters (status, priority, delta)
+    SELECT status, priority, sum(delta) FROM folded
+    GROUP BY status, priority
+    HAVING sum(delta) <> 0
+$$
+""",
+)
+# Statement-level with transition tables: a batch of a thousand jobs appends a few
+# rows, not a thousand. PostgreSQL allows one event per trigger with transition tables.
+QUEUE_COUNTER_TRIGGERS: Final = (
+    "CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION queue_counters_apply()",
+    "CREATE TRIGGER jobs_count_update AFTER UPDATE ON jobs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION queue_counters_apply()",
+    "CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION queue_counters_apply()",
+)
+
+QUEUE_COUNTER_DROPS: Final = (
+    "DROP FUNCTION IF EXISTS queue_counters_compact()",
+    "DROP FUNCTION IF EXISTS queue_counters_apply()",
+)
+
+for _statement in (*QUEUE_COUNTER_FUNCTIONS, *QUEUE_COUNTER_TRIGGERS):
+    sa.event.listen(metadata, "after_create", sa.DDL(_statement))
+for _statement in QUEUE_COUNTER_DROPS:  # the triggers go with the jobs table
+    sa.event.listen(metadata, "after_drop", sa.DDL(_statement))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from typing import Any
 
 from alembic import context
 from sqlalchemy.engine import Connection
@@ -30,7 +31,7 @@ def _url() -> str:
     return normalize_database_url(str(url))
 
 
-def _configure(**kwargs: object) -> None:
+def _configure(**kwargs: Any) -> None:
     context.configure(target_metadata=target_metadata, compare_type=True, compare_server_default=True, **kwargs)
 
 

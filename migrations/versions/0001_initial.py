@@ -6,7 +6,7 @@ diffs the schema this builds against the declared one.
 
 Revision ID: 0001
 Revises:
-Create Date: 2025-11-28
+Create Date: 2026-11-28
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ BEGIN
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO queue_counters (status, priority, delta)
         SELECT status, priority, -count(*) FROM old_rows GROUP BY status, priority;
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM queue_counters;
     ELSE
         INSERT INTO queue_counters (status, priority, delta)
         SELECT status, priority, sum(delta) FROM (
@@ -75,6 +77,9 @@ COUNTER_TRIGGERS = (
     "CREATE TRIGGER jobs_count_update AFTER UPDATE ON jobs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"
     " FOR EACH STATEMENT EXECUTE FUNCTION queue_counters_apply()",
     "CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION queue_counters_apply()",
+    # TRUNCATE fires no DELETE trigger; without this a test reset would leave stale depths.
+    "CREATE TRIGGER jobs_count_truncate AFTER TRUNCATE ON jobs"
     " FOR EACH STATEMENT EXECUTE FUNCTION queue_counters_apply()",
 )
 
@@ -280,7 +285,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    for trigger in ("jobs_count_insert", "jobs_count_update", "jobs_count_delete"):
+    for trigger in ("jobs_count_insert", "jobs_count_update", "jobs_count_delete", "jobs_count_truncate"):
         op.execute(f"DROP TRIGGER {trigger} ON jobs")
     op.execute("DROP FUNCTION queue_counters_compact()")
     op.execute("DROP FUNCTION queue_counters_apply()")

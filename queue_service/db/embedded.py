@@ -50,10 +50,6 @@ class EmbeddedPostgres:
     startup_seconds: float
     _server: Any = field(repr=False)
 
-    def url_for(self, database: str) -> str:
-        """The URL of another database on the same server."""
-        return render_url(make_url(self.url).set(database=database))
-
     def stop(self) -> None:
         """Stop the server (idempotent). The data stays in `pgdata` for the next start.
 

@@ -98,7 +98,6 @@ class _DriverError(Protocol):
 
     sqlstate: str | None
     constraint_name: str | None
-    table_name: str | None
     detail: str | None
 
 
@@ -115,10 +114,18 @@ def _driver_error(error: BaseException) -> _DriverError | None:
     return None
 
 
-def _key_values(detail: str | None) -> list[str]:
-    """Values from a detail like `Key (job_id, attempt)=(job_1, 2) already exists.`"""
+def _key(detail: str | None) -> tuple[list[str], list[str]]:
+    """Columns and values from a detail like `Key (job_id, attempt)=(job_1, 2) already exists.`
+
+    A one-column key keeps its value whole (an idempotency key may hold ", ");
+    splitting a composite key is safe, as job ids cannot contain a comma or a space.
+    """
     match = _KEY_DETAIL.search(detail or "")
-    return match.group("values").split(", ") if match else []
+    if match is None:
+        return [], []
+    columns = match.group("columns").split(", ")
+    values = match.group("values").split(", ") if len(columns) > 1 else [match.group("values")]
+    return columns, values
 
 
 # Constraint name -> project error, given the first value of the key it refused.
@@ -140,17 +147,17 @@ def translate(error: BaseException) -> QueueError | None:
     if driver is None or not (driver.sqlstate or "").startswith(INTEGRITY_CLASS):
         return None
     constraint = driver.constraint_name or ""
-    values = _key_values(driver.detail)
+    columns, values = _key(driver.detail)
     if driver.sqlstate == UNIQUE_VIOLATION and constraint in _UNIQUE_ERRORS:
         return _UNIQUE_ERRORS[constraint](values[0] if values else None)
     if driver.sqlstate == CHECK_VIOLATION and constraint in _CHECK_ERRORS:
         return _CHECK_ERRORS[constraint]()
-    # Only the inserting side names a missing job; deleting a job others depend on
-    # trips the same constraint from the jobs table, and that is a bug instead.
+    # An edge to a missing job reports the edge's column; deleting a job others still
+    # depend on trips the same constraint, reports jobs.job_id, and is a bug instead.
     if (
         driver.sqlstate == FOREIGN_KEY_VIOLATION
         and constraint == tables.DEPENDENCY_TARGET_FK
-        and driver.table_name == tables.job_dependencies.name
+        and columns == [tables.job_dependencies.c.depends_on_job_id.name]
     ):
         return UnknownDependency(values)
     return ConstraintViolated(driver.constraint_name, str(driver))

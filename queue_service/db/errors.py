@@ -31,12 +31,16 @@ class IdempotencyKeyConflict(QueueError):
 
 
 class CapacityExceeded(QueueError):
-    """An allocation would take a node past its CPU or memory capacity."""
+    """An allocation would take a node's CPU or memory use outside 0..capacity.
+
+    Past capacity is the case that matters (a claim lost a race); below zero would
+    mean resources freed twice, which the same CHECK refuses.
+    """
 
     code = "capacity_exceeded"
 
     def __init__(self, resource: str) -> None:
-        super().__init__(f"node {resource} capacity would be exceeded")
+        super().__init__(f"node {resource} use would leave the range 0..capacity")
         self.resource = resource
 
 

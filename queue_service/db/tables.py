@@ -107,7 +107,9 @@ jobs = sa.Table(
     sa.Column("result", JSONB, nullable=True),
     sa.CheckConstraint(_in("priority", Priority), name="priority_valid"),
     sa.CheckConstraint(_in("status", JobStatus), name="status_valid"),
-    sa.CheckConstraint(f"failure_reason IS NULL OR {_in('failure_reason', FailureReason)}", name="failure_reason_valid"),
+    sa.CheckConstraint(
+        f"failure_reason IS NULL OR {_in('failure_reason', FailureReason)}", name="failure_reason_valid"
+    ),
     sa.CheckConstraint(f"cancel_reason IS NULL OR {_in('cancel_reason', CancelReason)}", name="cancel_reason_valid"),
     sa.CheckConstraint("status <> 'failed' OR failure_reason IS NOT NULL", name="failed_has_reason"),
     sa.CheckConstraint("status <> 'cancelled' OR cancel_reason IS NOT NULL", name="cancelled_has_reason"),
@@ -270,6 +272,8 @@ BEGIN
     ELSIF TG_OP = 'DELETE' THEN
         INSERT INTO queue_counters (status, priority, delta)
         SELECT status, priority, -count(*) FROM old_rows GROUP BY status, priority;
+    ELSIF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM queue_counters;
     ELSE
         INSERT INTO queue_counters (status, priority, delta)
         SELECT status, priority, sum(delta) FROM (
@@ -306,6 +310,9 @@ QUEUE_COUNTER_TRIGGERS: Final = (
     " FOR EACH STATEMENT EXECUTE FUNCTION queue_counters_apply()",
     "CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_rows"
     " FOR EACH STATEMENT EXECUTE FUNCTION queue_counters_apply()",
+    # TRUNCATE fires no DELETE trigger; without this a test reset would leave stale depths.
+    "CREATE TRIGGER jobs_count_truncate AFTER TRUNCATE ON jobs"
+    " FOR EACH STATEMENT EXECUTE FUNCTION queue_counters_apply()",
 )
 
 QUEUE_COUNTER_DROPS: Final = (
@@ -313,7 +320,16 @@ QUEUE_COUNTER_DROPS: Final = (
     "DROP FUNCTION IF EXISTS queue_counters_apply()",
 )
 
-for _statement in (*QUEUE_COUNTER_FUNCTIONS, *QUEUE_COUNTER_TRIGGERS):
-    sa.event.listen(metadata, "after_create", sa.DDL(_statement))
-for _statement in QUEUE_COUNTER_DROPS:  # the triggers go with the jobs table
-    sa.event.listen(metadata, "after_drop", sa.DDL(_statement))
+
+def _create_counter_triggers(target: sa.MetaData, connection: sa.Connection, **_: object) -> None:
+    for statement in (*QUEUE_COUNTER_FUNCTIONS, *QUEUE_COUNTER_TRIGGERS):
+        connection.exec_driver_sql(statement)
+
+
+def _drop_counter_functions(target: sa.MetaData, connection: sa.Connection, **_: object) -> None:
+    for statement in QUEUE_COUNTER_DROPS:  # the triggers went with the jobs table
+        connection.exec_driver_sql(statement)
+
+
+sa.event.listen(metadata, "after_create", _create_counter_triggers)
+sa.event.listen(metadata, "after_drop", _drop_counter_functions)

@@ -1,0 +1,103 @@
+"""Job log entries and change announcements (SPEC §8), written in the same
+transaction as the change they describe.
+
+Announcements go out with `pg_notify`, which PostgreSQL delivers only when the
+transaction commits, so a listener never hears of a change that rolled back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from queue_service.db import tables
+
+CHANNEL: Final = "taskqueue_events"
+# pg_notify payloads are limited to 8000 bytes; ours are small fixed-shape objects.
+WAKE_DISPATCH: Final = "dispatch.wake"
+CANCEL_ATTEMPT: Final = "attempt.cancel"
+JOB_UPDATED: Final = "job.updated"
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    job_id: str
+    event: str
+    message: str
+    at: datetime
+    attempt: int | None = None
+    level: str = "info"
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+async def write_log(conn: AsyncConnection, entries: Sequence[LogEntry]) -> None:
+    if not entries:
+        return
+    await conn.execute(
+        sa.insert(tables.job_events),
+        [
+            {
+                "job_id": e.job_id,
+                "at": e.at,
+                "attempt": e.attempt,
+                "level": e.level,
+                "event": e.event,
+                "message": e.message,
+                "data": dict(e.data),
+            }
+            for e in entries
+        ],
+    )
+
+
+def iso_z(at: datetime) -> str:
+    """ISO 8601 UTC with `Z`, as every timestamp the API returns (SPEC §3)."""
+    return at.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class StatusChange:
+    """One job's status change, as the WebSocket stream carries it."""
+
+    job_id: str
+    type: str
+    priority: str
+    status: str
+    previous_status: str | None
+    attempt: int
+    at: datetime
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "event": JOB_UPDATED,
+            "job_id": self.job_id,
+            "type": self.type,
+            "priority": self.priority,
+            "status": self.status,
+            "previous_status": self.previous_status,
+            "attempt": self.attempt,
+            "at": iso_z(self.at),
+        }
+
+
+async def announce(conn: AsyncConnection, messages: Sequence[Mapping[str, Any]]) -> None:
+    """Queue NOTIFYs on the events channel; delivered at commit, in order."""
+    if not messages:
+        return
+    await conn.execute(
+        sa.text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"),
+        {"channel": CHANNEL, "payloads": [json.dumps(m, separators=(",", ":")) for m in messages]},
+    )
+
+
+async def announce_changes(conn: AsyncConnection, changes: Sequence[StatusChange], *, wake: bool = False) -> None:
+    messages: list[Mapping[str, Any]] = [change.payload() for change in changes]
+    if wake:
+        messages.append({"event": WAKE_DISPATCH})
+    await announce(conn, messages)

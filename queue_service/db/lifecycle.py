@@ -1,0 +1,187 @@
+"""Status changes that several commands share, as SQL over the jobs aggregate:
+making jobs ready, unblocking dependants by counter, propagating a failure or
+cancel to descendants, releasing a node's resources, ending an attempt.
+
+Every decision (queue position, which descendants end and how, retry or give up)
+is taken by `queue_service.core`; these functions only read and write rows.
+Callers own the transaction.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from queue_service.core import dag
+from queue_service.core.model import JobStatus, Priority, Resources
+from queue_service.core.policy import PolicyConfig, sort_key
+from queue_service.db.events import LogEntry, StatusChange, write_log
+
+
+def epoch(at: datetime) -> float:
+    return at.timestamp()
+
+
+def from_epoch(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, UTC)
+
+
+@dataclass(frozen=True)
+class JobHead:
+    """The columns a status change needs to announce itself."""
+
+    job_id: str
+    type: str
+    priority: str
+    status: str
+    attempts: int
+
+    def change(self, status: JobStatus, at: datetime) -> StatusChange:
+        return StatusChange(self.job_id, self.type, self.priority, status.value, self.status, self.attempts, at)
+
+
+_HEAD = "job_id, type, priority, status, attempts"
+
+
+def _heads(rows: Iterable[Any]) -> list[JobHead]:
+    return [JobHead(r.job_id, r.type, r.priority, r.status, r.attempts) for r in rows]
+
+
+async def make_ready(
+    conn: AsyncConnection, heads: Sequence[JobHead], now: datetime, policy: PolicyConfig, *, event: str, message: str
+) -> list[StatusChange]:
+    """Put locked waiting jobs, whose dependencies have all completed, into the ready
+    queue at the position core gives them."""
+    if not heads:
+        return []
+    keys = [sort_key(epoch(now), Priority(h.priority), policy) for h in heads]
+    await conn.execute(
+        sa.text(
+            """
+            UPDATE jobs SET status = 'ready', ready_at = :now, sort_key = k.sort_key, next_attempt_at = NULL,
+                            unfinished_deps = 0, updated_at = :now
+            FROM unnest(CAST(:ids AS text[]), CAST(:keys AS float8[])) AS k(job_id, sort_key)
+            WHERE jobs.job_id = k.job_id
+            """
+        ),
+        {"now": now, "ids": [h.job_id for h in heads], "keys": keys},
+    )
+    await write_log(conn, [LogEntry(h.job_id, event, message, now, h.attempts or None) for h in heads])
+    return [h.change(JobStatus.READY, now) for h in heads]
+
+
+async def unblock_dependants(
+    conn: AsyncConnection, parent_id: str, now: datetime, policy: PolicyConfig
+) -> list[StatusChange]:
+    """A dependency completed: count it off each blocked dependant (found by index,
+    never by scan); those with nothing left to wait for become ready."""
+    rows = (
+        await conn.execute(
+            sa.text(
+                f"""
+                SELECT {_HEAD}, unfinished_deps FROM jobs
+                WHERE job_id IN (SELECT job_id FROM job_dependencies WHERE depends_on_job_id = :parent)
+                  AND status = 'blocked'
+                ORDER BY job_id
+                FOR UPDATE
+                """
+            ),
+            {"parent": parent_id},
+        )
+    ).all()
+    if not rows:
+        return []
+    still_waiting = [r.job_id for r in rows if r.unfinished_deps > 1]
+    if still_waiting:
+        await conn.execute(
+            sa.text(
+                "UPDATE jobs SET unfinished_deps = unfinished_deps - 1, updated_at = :now "
+                "WHERE job_id = ANY(CAST(:ids AS text[]))"
+            ),
+            {"ids": still_waiting, "now": now},
+        )
+    freed = [JobHead(r.job_id, r.type, r.priority, r.status, r.attempts) for r in rows if r.unfinished_deps == 1]
+    if not freed:
+        return []
+    # The counter reaches zero in the statement that makes the job ready: the schema
+    # refuses a blocked job with nothing to wait for, even for an instant.
+    return await make_ready(
+        conn, freed, now, policy, event="ready", message=f"every dependency completed (last: {parent_id})"
+    )
+
+
+async def propagate_end(
+    conn: AsyncConnection, ancestor_id: str, ancestor_status: JobStatus, now: datetime
+) -> list[StatusChange]:
+    """End every still-waiting descendant of a failed or cancelled job, as core says:
+    failed with dependency_failed, or cancelled with dependency_cancelled."""
+    edges = (
+        await conn.execute(
+            sa.text(
+                """
+                WITH RECURSIVE below(job_id, parent) AS (
+                    SELECT job_id, depends_on_job_id FROM job_dependencies WHERE depends_on_job_id = :root
+                    UNION
+                    SELECT d.job_id, d.depends_on_job_id
+                    FROM job_dependencies d JOIN below b ON d.depends_on_job_id = b.job_id
+                )
+                SELECT job_id, parent FROM below
+                """
+            ),
+            {"root": ancestor_id},
+        )
+    ).all()
+    if not edges:
+        return []
+    children: dict[str, list[str]] = defaultdict(list)
+    for edge in edges:
+        children[edge.parent].append(edge.job_id)
+    order = dag.descendants_in_order(ancestor_id, lambda job_id: children.get(job_id, ()))
+    rows = (
+        await conn.execute(
+            sa.text(f"SELECT {_HEAD} FROM jobs WHERE job_id = ANY(CAST(:ids AS text[])) ORDER BY job_id FOR UPDATE"),
+            {"ids": order},
+        )
+    ).all()
+    by_id = {h.job_id: h for h in _heads(rows)}
+    waiting = [by_id[j] for j in order if j in by_id and JobStatus(by_id[j].status).is_waiting]
+    if not waiting:
+        return []
+    end_status, reason = dag.propagated_end(ancestor_status)
+    message = dag.propagation_message(ancestor_id, ancestor_status)
+    reason_column = "failure_reason" if end_status is JobStatus.FAILED else "cancel_reason"
+    await conn.execute(
+        sa.text(
+            f"""
+            UPDATE jobs SET status = :status, {reason_column} = :reason, last_error = :message,
+                            finished_at = :now, updated_at = :now, next_attempt_at = NULL
+            WHERE job_id = ANY(CAST(:ids AS text[]))
+            """
+        ),
+        {
+            "status": end_status.value,
+            "reason": reason.value,
+            "message": message,
+            "now": now,
+            "ids": [h.job_id for h in waiting],
+        },
+    )
+    event = "dependency_failed" if end_status is JobStatus.FAILED else "cancelled"
+    await write_log(conn, [LogEntry(h.job_id, event, message, now, level="warning") for h in waiting])
+    return [h.change(end_status, now) for h in waiting]
+
+
+async def release(conn: AsyncConnection, node_id: str, resources: Resources) -> None:
+    """Give an attempt's resources back to its node (the CHECK keeps use ≥ 0)."""
+    await conn.execute(
+        sa.text(
+            "UPDATE nodes SET cpu_used = cpu_used - :cpu, memory_used = memory_used - :memory WHERE node_id = :node"
+        ),
+        {"cpu": resources.cpu_units, "memory": resources.memory_mb, "node": node_id},
+    )

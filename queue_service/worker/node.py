@@ -1,0 +1,267 @@
+"""A worker node (SPEC §6, §11): registers its capacity, claims what `core.plan()`
+chooses, runs handlers as asyncio tasks under their timeouts, renews leases,
+wakes retries, recovers dead nodes' attempts, and shuts down gracefully.
+
+Dispatch wakes on LISTEN/NOTIFY (new ready work, freed resources, resume) and
+falls back to polling every `poll_interval_seconds` if a notification is missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from queue_service.core.model import AttemptOutcome
+from queue_service.db import attempts
+from queue_service.db.attempts import AttemptEnd, Claim
+from queue_service.db.events import CANCEL_ATTEMPT, JOB_UPDATED, WAKE_DISPATCH
+from queue_service.db.listener import EventListener
+from queue_service.settings import Settings
+from queue_service.worker.handlers import HandlerRegistry, JobContext, PermanentError, default_registry
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class RunningAttempt:
+    claim: Claim
+    task: asyncio.Task[None]
+    stop_reason: str | None = None  # "cancelled" (already recorded elsewhere) or "interrupted" (shutdown)
+
+
+@dataclass
+class WorkerNode:
+    engine: AsyncEngine
+    settings: Settings
+    listener: EventListener
+    registry: HandlerRegistry = field(default_factory=lambda: default_registry)
+    clock: Clock = utc_now
+    node_id: str = ""
+
+    def __post_init__(self) -> None:
+        self.node_id = self.node_id or self.settings.resolved_node_id()
+        self.policy = self.settings.policy_config()
+        self.capacity = self.settings.node_capacity()
+        self.running: dict[str, RunningAttempt] = {}
+        self._wake = asyncio.Event()
+        self._retry_wake = asyncio.Event()  # a new retry may be due sooner than the one we sleep for
+        self._stopping = False
+        self._loops: list[asyncio.Task[None]] = []
+        self._unsubscribe: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        await self._register()
+        self._unsubscribe = self.listener.subscribe(self._on_event)
+        for name, loop in (
+            ("dispatch", self._dispatch_loop),
+            ("heartbeat", self._heartbeat_loop),
+            ("retries", self._retry_loop),
+            ("reaper", self._reaper_loop),
+        ):
+            self._loops.append(asyncio.create_task(loop(), name=f"{self.node_id}:{name}"))
+        self._wake.set()
+        log.info("node %s started with %s", self.node_id, self.capacity)
+
+    async def stop(self, grace_seconds: float | None = None) -> None:
+        """Stop dispatching, let running attempts finish within the grace period, put
+        any still running back in the queue (interrupted), and deregister."""
+        grace = self.settings.shutdown_grace_seconds if grace_seconds is None else grace_seconds
+        self._stopping = True
+        self._wake.set()
+        tasks = [attempt.task for attempt in self.running.values()]
+        if tasks:
+            log.info("node %s waiting up to %ss for %d running attempts", self.node_id, grace, len(tasks))
+            await asyncio.wait(tasks, timeout=grace)
+        for attempt in list(self.running.values()):
+            attempt.stop_reason = "interrupted"
+            attempt.task.cancel()
+        remaining = [attempt.task for attempt in self.running.values()]
+        if remaining:
+            await asyncio.wait(remaining)
+        for loop in self._loops:
+            loop.cancel()
+        for loop in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await loop
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.text("UPDATE nodes SET status = 'stopped', heartbeat_at = :now WHERE node_id = :node"),
+                {"now": self.clock(), "node": self.node_id},
+            )
+        log.info("node %s stopped", self.node_id)
+
+    async def _register(self) -> None:
+        """Upsert this node's row. Use is recomputed from its running jobs, so a node
+        restarted under the same id does not forget attempts the reaper has yet to recover."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    """
+                    INSERT INTO nodes (node_id, cpu_capacity, memory_capacity, cpu_used, memory_used, status,
+                                       started_at, heartbeat_at)
+                    SELECT :node, :cpu, :memory, coalesce(sum(cpu_units), 0), coalesce(sum(memory_mb), 0), 'active',
+                           :now, :now
+                    FROM jobs WHERE status = 'running' AND worker_id = :node
+                    ON CONFLICT (node_id) DO UPDATE SET cpu_capacity = EXCLUDED.cpu_capacity,
+                        memory_capacity = EXCLUDED.memory_capacity, cpu_used = EXCLUDED.cpu_used,
+                        memory_used = EXCLUDED.memory_used, status = 'active', started_at = EXCLUDED.started_at,
+                        heartbeat_at = EXCLUDED.heartbeat_at
+                    """
+                ),
+                {
+                    "node": self.node_id,
+                    "cpu": self.capacity.cpu_units,
+                    "memory": self.capacity.memory_mb,
+                    "now": self.clock(),
+                },
+            )
+
+    # --------------------------------------------------------------- notifications
+    def _on_event(self, message: dict[str, Any]) -> None:
+        event = message.get("event")
+        if event == WAKE_DISPATCH or (event == JOB_UPDATED and message.get("status") == "ready"):
+            self._wake.set()
+        elif event == JOB_UPDATED and message.get("status") == "retrying":
+            self._retry_wake.set()
+        elif event == CANCEL_ATTEMPT and message.get("node_id") == self.node_id:
+            self._stop_attempt(str(message.get("job_id")), "cancelled")
+
+    def _stop_attempt(self, job_id: str, reason: str) -> None:
+        attempt = self.running.get(job_id)
+        if attempt is not None and not attempt.task.done():
+            attempt.stop_reason = reason
+            attempt.task.cancel()
+
+    # -------------------------------------------------------------------- dispatch
+    async def _dispatch_loop(self) -> None:
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.poll_interval_seconds)
+            self._wake.clear()
+            if self._stopping:
+                return
+            try:
+                async with self.engine.begin() as conn:
+                    claims = await attempts.claim(
+                        conn, self.node_id, self.clock(), self.policy, self.settings.lease_seconds
+                    )
+            except Exception:
+                log.exception("dispatch on %s failed; retrying", self.node_id)
+                await asyncio.sleep(self.settings.poll_interval_seconds)
+                continue
+            for claim in claims:
+                task = asyncio.create_task(self._run(claim), name=f"{claim.job_id}#{claim.attempt}")
+                self.running[claim.job_id] = RunningAttempt(claim, task)
+
+    async def _run(self, claim: Claim) -> None:
+        context = JobContext(
+            claim.job_id, claim.type, claim.priority, claim.payload, claim.attempt, claim.timeout_seconds
+        )
+        handler = self.registry.resolve(claim.type, strict=self.settings.strict_handlers)
+        try:
+            end = await self._execute(handler, context, claim.timeout_seconds)
+        except asyncio.CancelledError:
+            reason = self.running[claim.job_id].stop_reason
+            if reason == "interrupted":
+                end = AttemptEnd(AttemptOutcome.INTERRUPTED, "interrupted by shutdown")
+            else:  # cancelled or lease lost: whoever took it away already recorded the end
+                self.running.pop(claim.job_id, None)
+                return
+        try:
+            await self._record(claim, end)
+        finally:
+            self.running.pop(claim.job_id, None)
+            self._wake.set()
+
+    @staticmethod
+    async def _execute(handler: Any, context: JobContext, timeout: float) -> AttemptEnd:
+        try:
+            async with asyncio.timeout(timeout):
+                result = await handler(context)
+        except TimeoutError:
+            return AttemptEnd(AttemptOutcome.TIMED_OUT, f"timed out after {timeout:g}s")
+        except PermanentError as error:
+            return AttemptEnd(AttemptOutcome.PERMANENT_FAILURE, f"{type(error).__name__}: {error}")
+        except Exception as error:
+            return AttemptEnd(AttemptOutcome.FAILED, f"{type(error).__name__}: {error}")
+        return AttemptEnd(AttemptOutcome.SUCCEEDED, result=result)
+
+    async def _record(self, claim: Claim, end: AttemptEnd) -> None:
+        """Report the end, fenced by the lease token; a database hiccup is retried so the
+        outcome is not lost (if it never lands, the lease expires and the reaper retries)."""
+        for delay in (0.1, 0.5, 1.0, 2.0, None):
+            try:
+                async with self.engine.begin() as conn:
+                    owned = await attempts.end_attempt(
+                        conn, claim.job_id, claim.lease_token, end, self.clock(), self.policy
+                    )
+                if not owned:
+                    log.warning("%s attempt %d ended after losing its lease", claim.job_id, claim.attempt)
+                return
+            except Exception:
+                if delay is None:
+                    log.exception("could not record the end of %s attempt %d", claim.job_id, claim.attempt)
+                    return
+                await asyncio.sleep(delay)
+
+    # ------------------------------------------------------------ periodic duties
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_interval_seconds)
+            tokens: list[uuid.UUID] = [a.claim.lease_token for a in self.running.values()]
+            try:
+                async with self.engine.begin() as conn:
+                    held = await attempts.renew_leases(
+                        conn, self.node_id, tokens, self.clock(), self.settings.lease_seconds
+                    )
+            except Exception:
+                log.exception("heartbeat of %s failed", self.node_id)
+                continue
+            for attempt in list(self.running.values()):
+                if attempt.claim.lease_token not in held and attempt.stop_reason is None:
+                    self._stop_attempt(attempt.claim.job_id, "lease_lost")
+
+    async def _retry_loop(self) -> None:
+        while True:
+            self._retry_wake.clear()  # before reading the next due time, so no announcement slips between
+            try:
+                async with self.engine.begin() as conn:
+                    await attempts.wake_due_retries(conn, self.clock(), self.policy)
+                    due = await attempts.next_retry_due(conn)
+            except Exception:
+                log.exception("retry wake-up failed")
+                due = None
+            wait = self.settings.poll_interval_seconds
+            if due is not None:
+                wait = min(wait, max(0.0, (due - self.clock()).total_seconds()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._retry_wake.wait(), timeout=wait)
+
+    async def _reaper_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(self.settings.lease_seconds / 2, 5.0))
+            try:
+                async with self.engine.begin() as conn:
+                    recovered = await attempts.reap_expired_leases(conn, self.clock(), self.policy)
+                if recovered:
+                    log.warning("recovered attempts of lost workers: %s", ", ".join(recovered))
+            except Exception:
+                log.exception("lease reaper failed")

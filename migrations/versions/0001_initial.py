@@ -1,4 +1,4 @@
-"""Initial schema: jobs, dependencies, attempts, events, nodes, schedules, queue counters.
+"""Initial schema: jobs, dependencies, attempts, events, nodes, schedules, queue counters, dispatch control.
 
 Written by hand and frozen: it imports nothing from the application, so later
 changes to queue_service.db.tables cannot rewrite history. The migration test
@@ -169,6 +169,7 @@ def upgrade() -> None:
     op.create_index(
         "ix_jobs_lease_expiry", "jobs", ["lease_expires_at"], postgresql_where=sa.text("status = 'running'")
     )
+    op.create_index("ix_jobs_running_node", "jobs", ["worker_id"], postgresql_where=sa.text("status = 'running'"))
     op.create_index("ix_jobs_created", "jobs", [sa.text("created_at DESC"), sa.text("job_id DESC")])
     op.create_index("ix_jobs_status_created", "jobs", ["status", sa.text("created_at DESC"), sa.text("job_id DESC")])
     op.create_index("ix_jobs_type_created", "jobs", ["type", sa.text("created_at DESC"), sa.text("job_id DESC")])
@@ -283,12 +284,22 @@ def upgrade() -> None:
     for statement in (*COUNTER_FUNCTIONS, *COUNTER_TRIGGERS):
         op.execute(statement)
 
+    op.create_table(
+        "dispatch_control",
+        sa.Column("singleton", sa.Boolean, nullable=False, server_default=sa.true()),
+        sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+        sa.PrimaryKeyConstraint("singleton", name="pk_dispatch_control"),
+        sa.CheckConstraint("singleton", name="dispatch_control_single_row"),
+    )
+    op.execute("INSERT INTO dispatch_control (singleton, paused) VALUES (true, false)")
+
 
 def downgrade() -> None:
     for trigger in ("jobs_count_insert", "jobs_count_update", "jobs_count_delete", "jobs_count_truncate"):
         op.execute(f"DROP TRIGGER {trigger} ON jobs")
     op.execute("DROP FUNCTION queue_counters_compact()")
     op.execute("DROP FUNCTION queue_counters_apply()")
+    op.drop_table("dispatch_control")
     op.drop_table("queue_counters")
     op.drop_table("schedules")
     op.drop_table("nodes")

@@ -144,6 +144,8 @@ jobs = sa.Table(
 
 # Hot paths (SPEC §7), each O(log n): the index columns match the query's ORDER BY.
 sa.Index("ix_jobs_ready_queue", jobs.c.sort_key, jobs.c.job_id, postgresql_where=jobs.c.status == "ready")
+# What a node is running, for plan()'s reservation: a handful of rows per node.
+sa.Index("ix_jobs_running_node", jobs.c.worker_id, postgresql_where=jobs.c.status == "running")
 sa.Index("ix_jobs_retry_due", jobs.c.next_attempt_at, postgresql_where=jobs.c.status == "retrying")
 sa.Index("ix_jobs_lease_expiry", jobs.c.lease_expires_at, postgresql_where=jobs.c.status == "running")
 # Keyset listing, newest first: WHERE (created_at, job_id) < (:c, :id) ORDER BY created_at DESC, job_id DESC.
@@ -333,3 +335,15 @@ def _drop_counter_functions(target: sa.MetaData, connection: sa.Connection, **_:
 
 sa.event.listen(metadata, "after_create", _create_counter_triggers)
 sa.event.listen(metadata, "after_drop", _drop_counter_functions)
+
+# Operators pause and resume dispatch on every node (SPEC §12): one row, read by each claim.
+dispatch_control = sa.Table(
+    "dispatch_control",
+    metadata,
+    sa.Column("singleton", sa.Boolean, primary_key=True, server_default=sa.true()),
+    sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.CheckConstraint("singleton", name="dispatch_control_single_row"),
+)
+sa.event.listen(
+    dispatch_control, "after_create", sa.DDL("INSERT INTO dispatch_control (singleton, paused) VALUES (true, false)")
+)

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.integration
 
 APPLICATION_TABLES = {
     "jobs",
+    "dispatch_control",
     "job_dependencies",
     "job_attempts",
     "job_events",

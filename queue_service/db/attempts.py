@@ -6,6 +6,7 @@ shutdown, cancel. One transaction per call; the caller opens it.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -78,10 +79,15 @@ async def _running_on(conn: AsyncConnection, node_id: str) -> list[RunningJob]:
 
 
 async def claim(
-    conn: AsyncConnection, node_id: str, now: datetime, policy: PolicyConfig, lease_seconds: float
+    conn: AsyncConnection, node_id: str, clock: Callable[[], datetime], policy: PolicyConfig, lease_seconds: float
 ) -> list[Claim]:
     """Lock the node and the first K ready jobs (SKIP LOCKED), let core.plan() choose,
-    and start what it chose, all in this transaction."""
+    and start what it chose, all in this transaction.
+
+    The clock is read once the node is locked: an attempt that ended while we
+    waited for the lock has an earlier end than our starts, so attempt intervals
+    on a node never appear to overlap beyond its capacity.
+    """
     node = (
         await conn.execute(
             sa.text("SELECT cpu_capacity, memory_capacity, status FROM nodes WHERE node_id = :node FOR UPDATE"),
@@ -90,6 +96,7 @@ async def claim(
     ).one_or_none()
     if node is None or node.status != "active" or await is_paused(conn):
         return []
+    now = clock()
     rows = (
         await conn.execute(
             sa.text(
@@ -388,20 +395,25 @@ async def renew_leases(
     conn: AsyncConnection, node_id: str, tokens: list[uuid.UUID], now: datetime, lease_seconds: float
 ) -> set[uuid.UUID]:
     """Extend this node's live leases; returns the tokens still held (a cancelled or
-    reaped attempt's token is gone, and its task should stop)."""
+    reaped attempt's token is gone, and its task should stop).
+
+    Job rows are locked before the node row, the order every other command uses
+    (end an attempt: job, then its node), so a heartbeat never deadlocks with them.
+    """
+    held: set[uuid.UUID] = set()
+    if tokens:
+        rows = await conn.execute(
+            sa.text(
+                "UPDATE jobs SET lease_expires_at = :until WHERE status = 'running' AND worker_id = :node "
+                "AND lease_token = ANY(CAST(:tokens AS uuid[])) RETURNING lease_token"
+            ),
+            {"until": now + timedelta(seconds=lease_seconds), "node": node_id, "tokens": tokens},
+        )
+        held = {r.lease_token for r in rows}
     await conn.execute(
         sa.text("UPDATE nodes SET heartbeat_at = :now WHERE node_id = :node"), {"now": now, "node": node_id}
     )
-    if not tokens:
-        return set()
-    rows = await conn.execute(
-        sa.text(
-            "UPDATE jobs SET lease_expires_at = :until WHERE status = 'running' AND worker_id = :node "
-            "AND lease_token = ANY(CAST(:tokens AS uuid[])) RETURNING lease_token"
-        ),
-        {"until": now + timedelta(seconds=lease_seconds), "node": node_id, "tokens": tokens},
-    )
-    return {r.lease_token for r in rows}
+    return held
 
 
 async def cancel_job(conn: AsyncConnection, job_id: str, now: datetime) -> list[StatusChange]:

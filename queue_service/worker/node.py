@@ -42,6 +42,7 @@ class RunningAttempt:
     claim: Claim
     task: asyncio.Task[None]
     stop_reason: str | None = None  # "cancelled" (already recorded elsewhere) or "interrupted" (shutdown)
+    recording: bool = False  # the handler is done and its end is being written: never cancel that
 
 
 @dataclass
@@ -146,7 +147,7 @@ class WorkerNode:
 
     def _stop_attempt(self, job_id: str, reason: str) -> None:
         attempt = self.running.get(job_id)
-        if attempt is not None and not attempt.task.done():
+        if attempt is not None and not attempt.task.done() and not attempt.recording:
             attempt.stop_reason = reason
             attempt.task.cancel()
 
@@ -161,7 +162,7 @@ class WorkerNode:
             try:
                 async with self.engine.begin() as conn:
                     claims = await attempts.claim(
-                        conn, self.node_id, self.clock(), self.policy, self.settings.lease_seconds
+                        conn, self.node_id, self.clock, self.policy, self.settings.lease_seconds
                     )
             except Exception:
                 log.exception("dispatch on %s failed; retrying", self.node_id)
@@ -185,6 +186,7 @@ class WorkerNode:
             else:  # cancelled or lease lost: whoever took it away already recorded the end
                 self.running.pop(claim.job_id, None)
                 return
+        self.running[claim.job_id].recording = True
         try:
             await self._record(claim, end)
         finally:
@@ -226,7 +228,8 @@ class WorkerNode:
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_interval_seconds)
-            tokens: list[uuid.UUID] = [a.claim.lease_token for a in self.running.values()]
+            renewing = list(self.running.values())  # only these are judged by the answer
+            tokens: list[uuid.UUID] = [a.claim.lease_token for a in renewing]
             try:
                 async with self.engine.begin() as conn:
                     held = await attempts.renew_leases(
@@ -235,8 +238,9 @@ class WorkerNode:
             except Exception:
                 log.exception("heartbeat of %s failed", self.node_id)
                 continue
-            for attempt in list(self.running.values()):
-                if attempt.claim.lease_token not in held and attempt.stop_reason is None:
+            for attempt in renewing:
+                # Gone from the database but still running here: cancelled or reaped elsewhere.
+                if attempt.claim.lease_token not in held and not attempt.task.done() and attempt.stop_reason is None:
                     self._stop_attempt(attempt.claim.job_id, "lease_lost")
 
     async def _retry_loop(self) -> None:

@@ -1,0 +1,72 @@
+"""The FastAPI application factory.
+
+`create_app(settings, run_worker=...)` wires routers, error handling and a
+lifespan that opens the process runtime (embedded PostgreSQL if needed,
+migrations, engine, event listener, and a worker node for `taskqueue serve`)
+and closes it in reverse on shutdown. Nothing is built at import time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from queue_service.api import errors
+from queue_service.api.deps import require_api_key
+from queue_service.api.routes import dead_letter, dispatch, health, jobs
+from queue_service.api.schemas import REQUEST_BODY_MODELS
+from queue_service.runtime import open_runtime
+from queue_service.settings import Settings
+
+TITLE = "Smart Task Queue"
+VERSION = "0.1.0"
+
+
+class QueueAPI(FastAPI):
+    """FastAPI whose OpenAPI document also describes the bodies parsed by hand (JobCreate)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = get_openapi(
+                title=self.title, version=self.version, description=self.description, routes=self.routes
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in REQUEST_BODY_MODELS:
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+
+def create_app(settings: Settings, *, run_worker: bool) -> FastAPI:
+    """The HTTP API; with `run_worker` the process also runs one worker node."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with open_runtime(settings, run_worker=run_worker) as runtime:
+            app.state.runtime = runtime
+            try:
+                yield
+            finally:
+                app.state.runtime = None  # /ready answers 503 while the rest shuts down
+
+    app = QueueAPI(
+        title=TITLE,
+        version=VERSION,
+        description="A PostgreSQL-backed job queue: priorities with aging, dependencies, resources, retries.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.runtime = None
+    errors.install(app)
+    app.include_router(health.router)
+    protected = [Depends(require_api_key)]
+    app.include_router(jobs.router, dependencies=protected)
+    app.include_router(dead_letter.router, dependencies=protected)
+    app.include_router(dispatch.router, dependencies=protected)
+    return app

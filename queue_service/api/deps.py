@@ -1,0 +1,57 @@
+"""Request dependencies as `Annotated` aliases, so handler signatures read as prose.
+
+The runtime (engine, listener, worker) is built by the lifespan and kept on
+`app.state`; nothing here is created at import time.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from queue_service.api.errors import NotReady, Unauthorized
+from queue_service.runtime import Runtime
+from queue_service.settings import Settings
+
+_bearer = HTTPBearer(auto_error=False, description="one of TASKQUEUE_API_KEYS, when set")
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_runtime(request: Request) -> Runtime:
+    runtime: Runtime | None = getattr(request.app.state, "runtime", None)
+    if runtime is None:  # the lifespan has not started, or has already stopped
+        raise NotReady("the service is not running")
+    return runtime
+
+
+def get_engine(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AsyncEngine:
+    return runtime.engine
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+
+
+async def require_api_key(
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """With TASKQUEUE_API_KEYS set, every protected endpoint needs `Authorization: Bearer <key>`."""
+    if not settings.api_keys:
+        return
+    if credentials is None:
+        raise Unauthorized("missing bearer token: send Authorization: Bearer <key>")
+    offered = credentials.credentials.encode()
+    # compare_digest on every key, so the time taken says nothing about which one nearly matched.
+    matches = [hmac.compare_digest(offered, key.encode()) for key in settings.api_keys]
+    if not any(matches):
+        raise Unauthorized("the bearer token is not a valid API key")

@@ -1,0 +1,184 @@
+"""The `taskqueue` command (SPEC §12): serve, api, worker, migrate.
+
+Settings come from the environment (`DATABASE_URL`, `TASKQUEUE_*`); a flag given
+on the command line overrides its variable. Logs are JSON lines on stderr.
+
+Shutdown on SIGTERM/SIGINT is the service's own: uvicorn, left to itself,
+re-raises a caught signal after its shutdown so the process dies of it (exit
+status 130/143). Here uvicorn's `Server` runs with its signal capture turned
+off and our asyncio handlers asking it to exit instead, so the lifespan shutdown
+(the worker's graceful stop) runs to the end and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final
+
+import typer
+import uvicorn
+from pydantic import ValidationError
+
+from queue_service.api.app import create_app
+from queue_service.db import migrate as migrations
+from queue_service.runtime import database_url, open_runtime
+from queue_service.settings import Settings
+
+HANDLED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
+HTTP_DRAIN_SECONDS: Final = 10  # open HTTP connections get this long to finish before the lifespan stops
+LOG_RECORD_EXTRAS: Final = ("job_id", "attempt", "node_id")
+
+log = logging.getLogger("queue_service.cli")
+app = typer.Typer(help="Smart Task Queue: a PostgreSQL-backed job queue.", no_args_is_help=True)
+
+Host = Annotated[str, typer.Option(help="interface to listen on")]
+Port = Annotated[int, typer.Option(help="TCP port")]
+CpuUnits = Annotated[int | None, typer.Option(min=1, help="this node's CPU units (default: 8)")]
+MemoryMb = Annotated[int | None, typer.Option(min=1, help="this node's memory in MB (default: 4096)")]
+NodeId = Annotated[str | None, typer.Option(help="this node's id (default: <hostname>-<pid>)")]
+LogLevel = Annotated[str, typer.Option(help="debug, info, warning or error")]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and job context if given."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in LOG_RECORD_EXTRAS:
+            if hasattr(record, key):
+                entry[key] = getattr(record, key)
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, ensure_ascii=False)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+def load_settings(**flags: Any) -> Settings:
+    """Environment settings, with every flag that was given taking precedence."""
+    try:
+        return Settings(**{name: value for name, value in flags.items() if value is not None})
+    except ValidationError as error:
+        typer.echo(f"invalid configuration:\n{error}", err=True)
+        raise typer.Exit(2) from None
+
+
+@contextlib.contextmanager
+def on_signals(handler: Callable[[signal.Signals], None]) -> Iterator[None]:
+    """Route SIGINT/SIGTERM to `handler` on the running loop for the duration."""
+    loop = asyncio.get_running_loop()
+    for sig in HANDLED_SIGNALS:
+        loop.add_signal_handler(sig, handler, sig)
+    try:
+        yield
+    finally:
+        for sig in HANDLED_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server without its own signal handling (see the module docstring)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve_http(server: _Server) -> None:
+    def stop(sig: signal.Signals) -> None:
+        if server.should_exit:
+            log.info("%s received again; graceful shutdown is under way", sig.name)
+            return
+        log.info("%s received: shutting down gracefully", sig.name)
+        server.should_exit = True
+
+    with on_signals(stop):
+        await server.serve()
+
+
+def _run_http(settings: Settings, host: str, port: int, *, run_worker: bool) -> None:
+    config = uvicorn.Config(
+        create_app(settings, run_worker=run_worker),
+        host=host,
+        port=port,
+        lifespan="on",
+        log_config=None,  # keep our JSON logging; uvicorn's loggers propagate to it
+        timeout_graceful_shutdown=HTTP_DRAIN_SECONDS,
+    )
+    asyncio.run(_serve_http(_Server(config)))
+
+
+async def _run_worker(settings: Settings) -> None:
+    stopping = asyncio.Event()
+
+    def stop(sig: signal.Signals) -> None:
+        log.info("%s received: shutting down gracefully", sig.name)
+        stopping.set()
+
+    with on_signals(stop):
+        async with open_runtime(settings, run_worker=True):
+            await stopping.wait()
+
+
+async def _migrate(settings: Settings) -> str:
+    async with AsyncExitStack() as stack:
+        url = await database_url(settings, stack)
+        await migrations.upgrade(url)
+        return migrations.head_revision()
+
+
+@app.command()
+def serve(
+    host: Host = "127.0.0.1",
+    port: Port = 8000,
+    cpu_units: CpuUnits = None,
+    memory_mb: MemoryMb = None,
+    node_id: NodeId = None,
+    log_level: LogLevel = "info",
+) -> None:
+    """The API and one worker node in one process (embedded PostgreSQL when DATABASE_URL is unset)."""
+    configure_logging(log_level)
+    settings = load_settings(node_cpu_units=cpu_units, node_memory_mb=memory_mb, node_id=node_id)
+    _run_http(settings, host, port, run_worker=True)
+
+
+@app.command()
+def api(host: Host = "127.0.0.1", port: Port = 8000, log_level: LogLevel = "info") -> None:
+    """The API only: add `taskqueue worker` processes to run the jobs."""
+    configure_logging(log_level)
+    _run_http(load_settings(), host, port, run_worker=False)
+
+
+@app.command()
+def worker(
+    cpu_units: CpuUnits = None, memory_mb: MemoryMb = None, node_id: NodeId = None, log_level: LogLevel = "info"
+) -> None:
+    """One worker node only. Without DATABASE_URL it joins the embedded server in the data folder."""
+    configure_logging(log_level)
+    settings = load_settings(node_cpu_units=cpu_units, node_memory_mb=memory_mb, node_id=node_id)
+    asyncio.run(_run_worker(settings))
+
+
+@app.command()
+def migrate(log_level: LogLevel = "info") -> None:
+    """Apply the database migrations."""
+    configure_logging(log_level)
+    revision = asyncio.run(_migrate(load_settings()))
+    typer.echo(f"database schema at revision {revision}")

@@ -1,0 +1,522 @@
+"""The jobs aggregate's submission and read queries (SPEC §3, §4, §6).
+
+Submission checks what only the database knows (does a node fit the job, do its
+dependencies exist and can they still complete, is this a replay), inserts the
+jobs, their dependency edges and their first log entries, and announces them.
+Reads turn rows into the public job document the API returns. Every rule is
+core's; this module only reads and writes rows. Callers own the transaction.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from queue_service.core import dag, states
+from queue_service.core.errors import FieldProblem, InvalidJob, UnknownDependency
+from queue_service.core.model import JobSpec, JobStatus, Resources
+from queue_service.core.policy import PolicyConfig, sort_key
+from queue_service.core.validation import check_schedulable, is_valid_job_id
+from queue_service.db import tables
+from queue_service.db.attempts import JobNotFound
+from queue_service.db.engine import translate_errors
+from queue_service.db.errors import IdempotencyKeyConflict, JobIdConflict
+from queue_service.db.events import LogEntry, StatusChange, announce_changes, iso_z, write_log
+from queue_service.db.lifecycle import epoch
+
+# Rows per multi-VALUES insert: ~21 parameters a row stays well under the
+# protocol's 32767 bind parameters per statement.
+INSERT_CHUNK: Final = 500
+# A submission that loses a race to an identical concurrent one is re-run this
+# many times; the re-run sees the winner's committed row and answers with it.
+RACE_ATTEMPTS: Final = 3
+
+_jobs = tables.jobs
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """One submitted job as the API returns it, and whether this request created it
+    (False: an idempotent replay answered with the original)."""
+
+    job: dict[str, Any]
+    created: bool
+
+
+@dataclass(frozen=True)
+class Page:
+    items: list[dict[str, Any]]
+    next_cursor: str | None
+
+
+class InvalidCursor(InvalidJob):
+    """A `cursor` this API did not issue (or one for another listing)."""
+
+    def __init__(self) -> None:
+        super().__init__([FieldProblem(("query", "cursor"), "not a cursor this listing issued")])
+
+
+class _LostRace(Exception):
+    """A concurrent submission committed a row with one of our ids or keys after we looked."""
+
+
+# ----------------------------------------------------------------------------- submission
+async def live_capacities(conn: AsyncConnection) -> list[Resources]:
+    """The distinct capacities of active nodes: a job is schedulable if it fits one of them."""
+    rows = await conn.execute(
+        sa.text("SELECT DISTINCT cpu_capacity, memory_capacity FROM nodes WHERE status = 'active'")
+    )
+    return [Resources(r.cpu_capacity, r.memory_capacity) for r in rows]
+
+
+async def submit(
+    conn: AsyncConnection,
+    specs: Sequence[JobSpec],
+    request_hashes: Sequence[str],
+    now: datetime,
+    policy: PolicyConfig,
+    capacities: Sequence[Resources],
+) -> list[Submitted]:
+    """Create the jobs of one request, all or nothing, answering in input order.
+
+    A spec whose idempotency key, or client job id, is already stored with the same
+    request hash is a replay: the original is returned and nothing is created; with
+    another hash it is a 409 error. `capacities` are the live nodes' (or the
+    configured default when none is live); a job must fit one of them.
+    """
+    if len(specs) != len(request_hashes):
+        raise ValueError("one request hash per spec")
+    _check_batch_identity(specs)
+    dag.check_acyclic({spec.job_id: spec.depends_on for spec in specs})
+    for _ in range(RACE_ATTEMPTS):
+        try:
+            # A savepoint, so a lost race undoes only this attempt, not the caller's transaction.
+            async with conn.begin_nested():
+                return await _submit_once(conn, specs, request_hashes, now, policy, capacities)
+        except _LostRace:
+            continue
+    raise RuntimeError(f"submission lost {RACE_ATTEMPTS} races in a row to concurrent identical submissions")
+
+
+def _check_batch_identity(specs: Sequence[JobSpec]) -> None:
+    """Two members of one batch cannot claim the same job id or idempotency key."""
+    problems: list[FieldProblem] = []
+    seen_ids: set[str] = set()
+    seen_keys: set[str] = set()
+    for index, spec in enumerate(specs):
+        if spec.job_id in seen_ids:
+            problems.append(FieldProblem(("body", index, "job_id"), f"job id {spec.job_id} appears twice in the batch"))
+        if spec.idempotency_key is not None and spec.idempotency_key in seen_keys:
+            problems.append(FieldProblem(("body", index, "idempotency_key"), "idempotency key appears twice"))
+        seen_ids.add(spec.job_id)
+        if spec.idempotency_key is not None:
+            seen_keys.add(spec.idempotency_key)
+    if problems:
+        raise InvalidJob(problems)
+
+
+async def _submit_once(
+    conn: AsyncConnection,
+    specs: Sequence[JobSpec],
+    hashes: Sequence[str],
+    now: datetime,
+    policy: PolicyConfig,
+    capacities: Sequence[Resources],
+) -> list[Submitted]:
+    originals = await _replays(conn, specs, hashes)
+    new = [(spec, digest) for spec, digest in zip(specs, hashes, strict=True) if spec.job_id not in originals]
+    if new:
+        await _create(conn, new, now, policy, capacities)
+    public = await _public_many(conn, [originals.get(spec.job_id, spec.job_id) for spec in specs])
+    return [Submitted(public[originals.get(spec.job_id, spec.job_id)], spec.job_id not in originals) for spec in specs]
+
+
+async def _replays(conn: AsyncConnection, specs: Sequence[JobSpec], hashes: Sequence[str]) -> dict[str, str]:
+    """Map each spec that repeats a stored submission to the stored job's id; raise
+    on a stored id or key that came with a different body."""
+    keys = [s.idempotency_key for s in specs if s.idempotency_key is not None]
+    rows = (
+        await conn.execute(
+            sa.text(
+                "SELECT job_id, idempotency_key, request_hash FROM jobs "
+                "WHERE job_id = ANY(CAST(:ids AS text[])) OR idempotency_key = ANY(CAST(:keys AS text[]))"
+            ),
+            {"ids": [s.job_id for s in specs], "keys": keys},
+        )
+    ).all()
+    by_id = {r.job_id: r for r in rows}
+    by_key = {r.idempotency_key: r for r in rows if r.idempotency_key is not None}
+    originals: dict[str, str] = {}
+    for spec, digest in zip(specs, hashes, strict=True):
+        # The key names the request the client meant to repeat, so it decides first.
+        keyed = by_key.get(spec.idempotency_key) if spec.idempotency_key is not None else None
+        if keyed is not None:
+            if keyed.request_hash != digest:
+                raise IdempotencyKeyConflict(spec.idempotency_key)
+            originals[spec.job_id] = keyed.job_id
+        elif (same_id := by_id.get(spec.job_id)) is not None:
+            if same_id.request_hash != digest:
+                raise JobIdConflict(spec.job_id)
+            originals[spec.job_id] = same_id.job_id
+    return originals
+
+
+async def _create(
+    conn: AsyncConnection,
+    new: Sequence[tuple[JobSpec, str]],
+    now: datetime,
+    policy: PolicyConfig,
+    capacities: Sequence[Resources],
+) -> None:
+    specs = [spec for spec, _ in new]
+    for spec in specs:
+        if not any(spec.resources.fits_in(capacity) for capacity in capacities):
+            check_schedulable(spec, max(capacities))  # fits no node, so not the largest either: raises
+    new_ids = {spec.job_id for spec in specs}
+    statuses = await _lock_dependencies(conn, specs, new_ids)
+    unfinished: dict[str, int] = {}
+    for spec in specs:
+        # Raises for a dependency that already failed or was cancelled: it can never complete.
+        unfinished[spec.job_id] = dag.count_unfinished(spec.depends_on, statuses, new_ids)
+    rows = [_job_row(spec, digest, unfinished[spec.job_id], now, policy) for spec, digest in new]
+    with translate_errors():
+        inserted: set[str] = set()
+        for start in range(0, len(rows), INSERT_CHUNK):
+            statement = pg_insert(_jobs).values(rows[start : start + INSERT_CHUNK])
+            result = await conn.execute(statement.on_conflict_do_nothing().returning(_jobs.c.job_id))
+            inserted.update(result.scalars())
+        if inserted != new_ids:
+            # ON CONFLICT waited for the concurrent transaction that holds the same id or key,
+            # and it committed. Re-run: the replay check now sees its row and compares hashes.
+            raise _LostRace
+        edges = [{"job_id": s.job_id, "depends_on_job_id": d} for s in specs for d in s.depends_on]
+        if edges:
+            await conn.execute(sa.insert(tables.job_dependencies), edges)
+    await write_log(conn, [entry for spec in specs for entry in _first_entries(spec, statuses, new_ids, now)])
+    changes = [
+        StatusChange(s.job_id, s.type, s.priority.value, row["status"], None, 0, now)
+        for s, row in zip(specs, rows, strict=True)
+    ]
+    await announce_changes(conn, changes, wake=True)
+
+
+async def _lock_dependencies(
+    conn: AsyncConnection, specs: Sequence[JobSpec], new_ids: set[str]
+) -> dict[str, JobStatus]:
+    """The statuses of the stored jobs the new ones depend on, read FOR SHARE.
+
+    The share lock is what makes the unfinished-dependency counter exact. A
+    completion (or failure, or cancel) of a dependency updates its row, which
+    conflicts with our lock: either it committed before we read (we see the final
+    status and count it accordingly), or it waits until we commit, and then its
+    unblock/propagate step finds our new edges and counts us down or ends us.
+    Without the lock, a parent could complete between our read and our insert;
+    its completion would not see our edge and our job would stay blocked forever.
+    """
+    wanted = list(dict.fromkeys(d for spec in specs for d in spec.depends_on if d not in new_ids))
+    if not wanted:
+        return {}
+    rows = await conn.execute(
+        # Locked in id order, as everything else locks jobs, so lockers cannot deadlock.
+        sa.text("SELECT job_id, status FROM jobs WHERE job_id = ANY(CAST(:ids AS text[])) ORDER BY job_id FOR SHARE"),
+        {"ids": wanted},
+    )
+    statuses = {r.job_id: JobStatus(r.status) for r in rows}
+    missing = [d for d in wanted if d not in statuses]
+    if missing:
+        raise UnknownDependency(missing)  # every missing id of the request at once
+    return statuses
+
+
+def _job_row(spec: JobSpec, digest: str, unfinished: int, now: datetime, policy: PolicyConfig) -> dict[str, Any]:
+    status = states.initial_status(unfinished)
+    ready = status is JobStatus.READY
+    return {
+        "job_id": spec.job_id,
+        "type": spec.type,
+        "priority": spec.priority.value,
+        "status": status.value,
+        "payload": spec.payload,
+        "cpu_units": spec.resources.cpu_units,
+        "memory_mb": spec.resources.memory_mb,
+        "max_attempts": spec.retry.max_attempts,
+        "backoff_multiplier": spec.retry.backoff_multiplier,
+        "initial_delay_seconds": spec.retry.initial_delay_seconds,
+        "max_delay_seconds": spec.retry.max_delay_seconds,
+        "jitter": spec.retry.jitter,
+        "timeout_seconds": spec.timeout_seconds,
+        "idempotency_key": spec.idempotency_key,
+        "request_hash": digest,
+        "attempt_budget": spec.retry.max_attempts,
+        "unfinished_deps": unfinished,
+        "created_at": now,
+        "updated_at": now,
+        "ready_at": now if ready else None,
+        "sort_key": sort_key(epoch(now), spec.priority, policy) if ready else None,
+    }
+
+
+def _first_entries(
+    spec: JobSpec, statuses: Mapping[str, JobStatus], new_ids: set[str], now: datetime
+) -> list[LogEntry]:
+    waiting_for = [d for d in spec.depends_on if d in new_ids or statuses[d] is not JobStatus.COMPLETED]
+    data = {
+        "priority": spec.priority.value,
+        "cpu_units": spec.resources.cpu_units,
+        "memory_mb": spec.resources.memory_mb,
+    }
+    submitted = LogEntry(spec.job_id, "submitted", f"submitted as {spec.type}", now, data=data)
+    if waiting_for:
+        message = "waiting for " + ", ".join(waiting_for)
+        return [submitted, LogEntry(spec.job_id, "blocked", message, now, data={"waiting_for": waiting_for})]
+    message = "every dependency already completed" if spec.depends_on else "no dependencies"
+    return [submitted, LogEntry(spec.job_id, "ready", message, now)]
+
+
+# ----------------------------------------------------------------------------- reads
+_PUBLIC_COLUMNS: Final = (
+    _jobs.c.job_id,
+    _jobs.c.type,
+    _jobs.c.priority,
+    _jobs.c.status,
+    _jobs.c.payload,
+    _jobs.c.cpu_units,
+    _jobs.c.memory_mb,
+    _jobs.c.max_attempts,
+    _jobs.c.backoff_multiplier,
+    _jobs.c.initial_delay_seconds,
+    _jobs.c.max_delay_seconds,
+    _jobs.c.jitter,
+    _jobs.c.timeout_seconds,
+    _jobs.c.idempotency_key,
+    _jobs.c.attempts,
+    _jobs.c.created_at,
+    _jobs.c.updated_at,
+    _jobs.c.ready_at,
+    _jobs.c.started_at,
+    _jobs.c.finished_at,
+    _jobs.c.next_attempt_at,
+    _jobs.c.sort_key,
+    _jobs.c.worker_id,
+    _jobs.c.last_error,
+    _jobs.c.failure_reason,
+    _jobs.c.cancel_reason,
+    _jobs.c.result,
+)
+
+
+async def get_job(conn: AsyncConnection, job_id: str) -> dict[str, Any]:
+    """The full public job; JobNotFound if there is none."""
+    found = await _public_many(conn, [job_id]) if is_valid_job_id(job_id) else {}
+    if job_id not in found:
+        raise JobNotFound(f"no job {job_id!r}")
+    return found[job_id]
+
+
+async def list_jobs(
+    conn: AsyncConnection,
+    *,
+    statuses: Sequence[str] = (),
+    job_type: str | None = None,
+    priority: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    limit: int,
+    cursor: str | None = None,
+) -> Page:
+    """Jobs newest first, keyset-paged on (created_at, job_id) so each page is an
+    index range scan however deep it is. `created_after` is inclusive,
+    `created_before` exclusive, so consecutive windows tile without overlap."""
+    query = sa.select(*_PUBLIC_COLUMNS)
+    if statuses:
+        query = query.where(_jobs.c.status.in_(list(statuses)))
+    if job_type is not None:
+        query = query.where(_jobs.c.type == job_type)
+    if priority is not None:
+        query = query.where(_jobs.c.priority == priority)
+    if created_after is not None:
+        query = query.where(_jobs.c.created_at >= created_after)
+    if created_before is not None:
+        query = query.where(_jobs.c.created_at < created_before)
+    return await _keyset_page(conn, query, (_jobs.c.created_at, _jobs.c.job_id), "created_at", limit, cursor)
+
+
+async def dead_letter(conn: AsyncConnection, *, limit: int, cursor: str | None = None) -> Page:
+    """Failed jobs, most recently failed first (the partial dead-letter index)."""
+    query = sa.select(*_PUBLIC_COLUMNS).where(_jobs.c.status == JobStatus.FAILED.value)
+    return await _keyset_page(conn, query, (_jobs.c.finished_at, _jobs.c.job_id), "finished_at", limit, cursor)
+
+
+async def job_logs(conn: AsyncConnection, job_id: str) -> list[dict[str, Any]]:
+    """A job's log entries, oldest first; JobNotFound if there is no such job."""
+    exists = (
+        is_valid_job_id(job_id)
+        and (await conn.execute(sa.text("SELECT 1 FROM jobs WHERE job_id = :id"), {"id": job_id})).first()
+    )
+    if not exists:
+        raise JobNotFound(f"no job {job_id!r}")
+    rows = await conn.execute(
+        sa.text("SELECT at, attempt, level, event, message, data FROM job_events WHERE job_id = :id ORDER BY id"),
+        {"id": job_id},
+    )
+    return [
+        {
+            "at": iso_z(r.at),
+            "attempt": r.attempt,
+            "level": r.level,
+            "event": r.event,
+            "message": r.message,
+            "data": r.data,
+        }
+        for r in rows
+    ]
+
+
+async def _keyset_page(
+    conn: AsyncConnection,
+    query: sa.Select[Any],
+    order: tuple[sa.ColumnElement[datetime], sa.ColumnElement[str]],
+    time_field: str,
+    limit: int,
+    cursor: str | None,
+) -> Page:
+    """One page newest first on (timestamp, job_id); the cursor is the last row's pair."""
+    if cursor is not None:
+        at, last_id = decode_cursor(cursor)
+        query = query.where(sa.tuple_(*order) < sa.tuple_(sa.literal(at, order[0].type), sa.literal(last_id)))
+    rows = (await conn.execute(query.order_by(order[0].desc(), order[1].desc()).limit(limit + 1))).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    items = await _public_rows(conn, rows)
+    next_cursor = encode_cursor(getattr(rows[-1], time_field), rows[-1].job_id) if more else None
+    return Page(items, next_cursor)
+
+
+def encode_cursor(at: datetime, job_id: str) -> str:
+    """Opaque to clients: URL-safe base64 of the last row's sort key."""
+    raw = json.dumps([at.isoformat(), job_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        at_text, job_id = json.loads(raw)
+        at = datetime.fromisoformat(at_text)
+    except (ValueError, TypeError, binascii.Error):
+        raise InvalidCursor from None
+    if at.tzinfo is None or not is_valid_job_id(job_id):
+        raise InvalidCursor
+    return at, job_id
+
+
+# ----------------------------------------------------------------------------- public form
+async def _public_many(conn: AsyncConnection, job_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    ids = list(dict.fromkeys(job_ids))
+    rows = (await conn.execute(sa.select(*_PUBLIC_COLUMNS).where(_jobs.c.job_id.in_(ids)))).all()
+    return {job["job_id"]: job for job in await _public_rows(conn, rows)}
+
+
+async def _public_rows(conn: AsyncConnection, rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """Rows as public jobs, with dependencies and queue positions fetched in one query each."""
+    if not rows:
+        return []
+    ids = [r.job_id for r in rows]
+    edges = await conn.execute(
+        sa.text(
+            "SELECT d.job_id, d.depends_on_job_id, p.status FROM job_dependencies d "
+            "JOIN jobs p ON p.job_id = d.depends_on_job_id "
+            "WHERE d.job_id = ANY(CAST(:ids AS text[])) ORDER BY d.job_id, d.depends_on_job_id"
+        ),
+        {"ids": ids},
+    )
+    depends_on: dict[str, list[str]] = {}
+    unfinished: dict[str, list[str]] = {}
+    for edge in edges:
+        depends_on.setdefault(edge.job_id, []).append(edge.depends_on_job_id)
+        if edge.status != JobStatus.COMPLETED.value:
+            unfinished.setdefault(edge.job_id, []).append(edge.depends_on_job_id)
+    positions = await _queue_positions(conn, [r for r in rows if r.status == JobStatus.READY.value])
+    return [
+        _public(
+            r,
+            depends_on.get(r.job_id, []),
+            unfinished.get(r.job_id, []) if r.status == JobStatus.BLOCKED.value else [],
+            positions.get(r.job_id),
+        )
+        for r in rows
+    ]
+
+
+async def _queue_positions(conn: AsyncConnection, ready: Sequence[Any]) -> dict[str, int]:
+    """How many ready jobs come before each one in queue order (sort_key, job_id).
+
+    One scan of the ready-queue index up to the furthest of them, numbering rows
+    as it goes, rather than one count per job.
+    """
+    if not ready:
+        return {}
+    last = max(ready, key=lambda r: (r.sort_key, r.job_id))
+    rows = await conn.execute(
+        sa.text(
+            """
+            SELECT job_id, position FROM (
+                SELECT job_id, row_number() OVER (ORDER BY sort_key, job_id) - 1 AS position
+                FROM jobs WHERE status = 'ready' AND (sort_key, job_id) <= (:key, :id)
+            ) AS queue
+            WHERE job_id = ANY(CAST(:ids AS text[]))
+            """
+        ),
+        {"key": last.sort_key, "id": last.job_id, "ids": [r.job_id for r in ready]},
+    )
+    return {r.job_id: r.position for r in rows}
+
+
+def _iso(at: datetime | None) -> str | None:
+    return iso_z(at) if at is not None else None
+
+
+def _public(row: Any, depends_on: list[str], blocked_by: list[str], position: int | None) -> dict[str, Any]:
+    """The job document of SPEC §3: what was submitted, and the read-only state."""
+    retry: Mapping[str, Any] = {
+        "max_attempts": row.max_attempts,
+        "backoff_multiplier": row.backoff_multiplier,
+        "initial_delay_seconds": row.initial_delay_seconds,
+        "max_delay_seconds": row.max_delay_seconds,
+        "jitter": row.jitter,
+    }
+    return {
+        "job_id": row.job_id,
+        "type": row.type,
+        "priority": row.priority,
+        "status": row.status,
+        "payload": row.payload,
+        "resource_requirements": {"cpu_units": row.cpu_units, "memory_mb": row.memory_mb},
+        "depends_on": depends_on,
+        "blocked_by": blocked_by,
+        "retry_config": dict(retry),
+        "timeout_seconds": row.timeout_seconds,
+        "idempotency_key": row.idempotency_key,
+        "attempts": row.attempts,
+        "position_in_queue": position,
+        "worker_id": row.worker_id,
+        "created_at": iso_z(row.created_at),
+        "updated_at": iso_z(row.updated_at),
+        "ready_at": _iso(row.ready_at),
+        "started_at": _iso(row.started_at),
+        "finished_at": _iso(row.finished_at),
+        "next_attempt_at": _iso(row.next_attempt_at),
+        "last_error": row.last_error,
+        "failure_reason": row.failure_reason,
+        "cancel_reason": row.cancel_reason,
+        "result": row.result,
+    }

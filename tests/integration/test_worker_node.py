@@ -1,0 +1,256 @@
+"""The worker runtime against a real database: sharing work between nodes, cancel,
+lease recovery, graceful stop, fencing and timeouts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from queue_service.core.model import AttemptOutcome, Priority
+from queue_service.core.policy import sort_key
+from queue_service.db import attempts
+from queue_service.db.attempts import AttemptEnd
+from queue_service.db.engine import create_engine
+from queue_service.db.listener import EventListener
+from queue_service.settings import Settings
+from queue_service.worker.node import WorkerNode
+
+pytestmark = pytest.mark.integration
+
+NodeFactory = Callable[..., Awaitable[WorkerNode]]
+
+
+def _settings(url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": url,
+        "poll_interval_seconds": 0.2,
+        "lease_seconds": 2.0,
+        "shutdown_grace_seconds": 1.0,
+        "db_pool_size": 4,
+    }
+    return Settings(**(values | overrides))
+
+
+@pytest.fixture
+async def engine(migrated_url: str) -> AsyncIterator[AsyncEngine]:
+    """A pool the size a node runs with: dispatch, completions and heartbeats at once."""
+    engine = create_engine(_settings(migrated_url, db_pool_size=10))
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+async def clean(engine: AsyncEngine) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, nodes CASCADE"))
+
+
+@pytest.fixture
+async def nodes(migrated_url: str, engine: AsyncEngine, clean: None) -> AsyncIterator[NodeFactory]:
+    listener = EventListener(migrated_url)
+    await listener.start()
+    started: list[WorkerNode] = []
+
+    async def start(node_id: str, cpu: int = 8, memory: int = 4096, **overrides: Any) -> WorkerNode:
+        settings = _settings(migrated_url, node_cpu_units=cpu, node_memory_mb=memory, **overrides)
+        node = WorkerNode(engine, settings, listener, node_id=node_id)
+        await node.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        if not node._stopping:
+            await node.stop(0)
+    await listener.stop()
+
+
+async def insert_ready(engine: AsyncEngine, jobs: list[dict[str, Any]]) -> None:
+    """Ready jobs inserted as submission would leave them (the API has its own tests)."""
+    now = datetime.now(UTC)
+    policy = Settings().policy_config()
+    async with engine.begin() as conn:
+        for job in jobs:
+            priority = job.get("priority", "normal")
+            await conn.execute(
+                sa.text(
+                    """
+                    INSERT INTO jobs (job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts,
+                        backoff_multiplier, initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds,
+                        request_hash, attempt_budget, ready_at, sort_key)
+                    VALUES (:id, 'work', :priority, 'ready', CAST(:payload AS jsonb), :cpu, :memory, :max_attempts,
+                        2, :initial, 60, 0, :timeout, 'test', :max_attempts, :now, :key)
+                    """
+                ),
+                {
+                    "id": job["job_id"],
+                    "priority": priority,
+                    "payload": json.dumps({"simulate": job.get("simulate", {"duration_seconds": 0.01})}),
+                    "cpu": job.get("cpu", 1),
+                    "memory": job.get("memory", 128),
+                    "max_attempts": job.get("max_attempts", 3),
+                    "initial": job.get("initial_delay", 0.2),
+                    "timeout": job.get("timeout", 30),
+                    "now": now,
+                    "key": sort_key(now.timestamp(), Priority(priority), policy),
+                },
+            )
+        await conn.execute(sa.text("SELECT pg_notify('taskqueue_events', '{\"event\": \"dispatch.wake\"}')"))
+
+
+async def wait_for(engine: AsyncEngine, sql: str, expected: object, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    value: object = None
+    while asyncio.get_running_loop().time() < deadline:
+        async with engine.connect() as conn:
+            value = (await conn.execute(sa.text(sql))).scalar()
+        if value == expected:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{sql!r} gave {value!r}, waited for {expected!r}")
+
+
+async def test_two_nodes_share_work_without_running_anything_twice(engine: AsyncEngine, nodes: NodeFactory) -> None:
+    await nodes("node-a", cpu=4, memory=2048)
+    await nodes("node-b", cpu=4, memory=2048)
+    await insert_ready(engine, [{"job_id": f"job_{i:03d}", "simulate": {"duration_seconds": 0.02}} for i in range(200)])
+    await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 200, timeout=60)
+    async with engine.connect() as conn:
+        per_job = (await conn.execute(sa.text("SELECT max(attempts), min(attempts) FROM jobs"))).one()
+        per_node = dict(
+            (await conn.execute(sa.text("SELECT node_id, count(*) FROM job_attempts GROUP BY node_id"))).all()
+        )
+        rows = (await conn.execute(sa.text("SELECT node_id, started_at, ended_at FROM job_attempts"))).all()
+        used = (await conn.execute(sa.text("SELECT sum(cpu_used) + sum(memory_used) FROM nodes"))).scalar()
+    assert tuple(per_job) == (1, 1)  # no attempt ran twice
+    assert set(per_node) == {"node-a", "node-b"}
+    assert sum(per_node.values()) == 200
+    assert used == 0
+    for node_id in per_node:  # a sweep over each node's attempt intervals: never above 4 CPU
+        events = sorted(
+            [(r.started_at, 1) for r in rows if r.node_id == node_id]
+            + [(r.ended_at, -1) for r in rows if r.node_id == node_id],
+            key=lambda e: (e[0], e[1]),
+        )
+        running = peak = 0
+        for _, delta in events:
+            running += delta
+            peak = max(peak, running)
+        assert peak <= 4
+
+
+async def test_cancel_stops_a_running_attempt_within_a_second(engine: AsyncEngine, nodes: NodeFactory) -> None:
+    node = await nodes("node-c")
+    await insert_ready(engine, [{"job_id": "long", "simulate": {"duration_seconds": 60}, "cpu": 3}])
+    await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'long'", "running")
+    async with engine.begin() as conn:
+        await attempts.cancel_job(conn, "long", datetime.now(UTC))
+    started = asyncio.get_running_loop().time()
+    while "long" in node.running:
+        await asyncio.sleep(0.02)
+        assert asyncio.get_running_loop().time() - started < 1.0
+    async with engine.connect() as conn:
+        used = (await conn.execute(sa.text("SELECT cpu_used FROM nodes WHERE node_id = 'node-c'"))).scalar()
+        outcome = (await conn.execute(sa.text("SELECT outcome FROM job_attempts WHERE job_id = 'long'"))).scalar()
+    assert used == 0
+    assert outcome == "cancelled"
+
+
+async def test_a_dead_workers_attempt_is_recovered_after_its_lease(engine: AsyncEngine, nodes: NodeFactory) -> None:
+    """A node that vanished mid-attempt: its lease lapses, the attempt counts as
+    worker_lost, its resources are freed and another node retries the job."""
+    expired = datetime.now(UTC) - timedelta(seconds=1)
+    token = uuid.uuid4()
+    await insert_ready(engine, [{"job_id": "orphan", "cpu": 2, "simulate": {"duration_seconds": 0.05}}])
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO nodes (node_id, cpu_capacity, memory_capacity, cpu_used, memory_used) "
+                "VALUES ('ghost', 8, 4096, 2, 128)"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                "UPDATE jobs SET status = 'running', attempts = 1, worker_id = 'ghost', started_at = :t, "
+                "lease_token = :token, lease_expires_at = :t WHERE job_id = 'orphan'"
+            ),
+            {"t": expired, "token": token},
+        )
+        await conn.execute(
+            sa.text(
+                "INSERT INTO job_attempts (job_id, attempt, node_id, started_at, lease_token) "
+                "VALUES ('orphan', 1, 'ghost', :t, :token)"
+            ),
+            {"t": expired, "token": token},
+        )
+    await nodes("node-d", lease_seconds=1.0)
+    await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'orphan'", "completed")
+    async with engine.connect() as conn:
+        outcomes = (
+            await conn.execute(
+                sa.text("SELECT outcome, node_id FROM job_attempts WHERE job_id = 'orphan' ORDER BY attempt")
+            )
+        ).all()
+        ghost_used = (await conn.execute(sa.text("SELECT cpu_used FROM nodes WHERE node_id = 'ghost'"))).scalar()
+    assert [tuple(o) for o in outcomes] == [("worker_lost", "ghost"), ("succeeded", "node-d")]
+    assert ghost_used == 0
+
+
+async def test_graceful_stop_puts_a_running_attempt_back_in_the_queue(engine: AsyncEngine, nodes: NodeFactory) -> None:
+    node = await nodes("node-e")
+    await insert_ready(engine, [{"job_id": "slow", "simulate": {"duration_seconds": 30}}])
+    await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'slow'", "running")
+    await node.stop(0.2)
+    async with engine.connect() as conn:
+        job = (
+            await conn.execute(sa.text("SELECT status, attempts, counted_attempts FROM jobs WHERE job_id = 'slow'"))
+        ).one()
+        outcome = (await conn.execute(sa.text("SELECT outcome FROM job_attempts WHERE job_id = 'slow'"))).scalar()
+    assert tuple(job) == ("ready", 1, 0)  # numbered attempt 1, not counted against max_attempts
+    assert outcome == AttemptOutcome.INTERRUPTED.value
+
+
+async def test_a_stale_worker_cannot_end_an_attempt_it_no_longer_owns(engine: AsyncEngine, nodes: NodeFactory) -> None:
+    await nodes("node-f")
+    await insert_ready(engine, [{"job_id": "fenced", "simulate": {"duration_seconds": 30}}])
+    await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'fenced'", "running")
+    async with engine.begin() as conn:
+        owned = await attempts.end_attempt(
+            conn,
+            "fenced",
+            uuid.uuid4(),
+            AttemptEnd(AttemptOutcome.SUCCEEDED),
+            datetime.now(UTC),
+            Settings().policy_config(),
+        )
+    assert owned is False
+    await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'fenced'", "running", timeout=1)
+
+
+async def test_a_timed_out_attempt_is_retried(engine: AsyncEngine, nodes: NodeFactory) -> None:
+    await nodes("node-g")
+    job = {
+        "job_id": "overrun",
+        "timeout": 0.3,
+        "initial_delay": 0.1,
+        "simulate": {"duration_seconds": 0.05, "timeout_attempts": 1},
+    }
+    await insert_ready(engine, [job])
+    await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'overrun'", "completed")
+    async with engine.connect() as conn:
+        outcomes = (
+            (await conn.execute(sa.text("SELECT outcome FROM job_attempts WHERE job_id = 'overrun' ORDER BY attempt")))
+            .scalars()
+            .all()
+        )
+    assert outcomes == ["timed_out", "succeeded"]

@@ -344,6 +344,10 @@ dispatch_control = sa.Table(
     sa.Column("paused", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("singleton", name="dispatch_control_single_row"),
 )
-sa.event.listen(
-    dispatch_control, "after_create", sa.DDL("INSERT INTO dispatch_control (singleton, paused) VALUES (true, false)")
-)
+
+
+def _insert_dispatch_row(target: sa.Table, connection: sa.Connection, **_: object) -> None:
+    connection.exec_driver_sql("INSERT INTO dispatch_control (singleton, paused) VALUES (true, false)")
+
+
+sa.event.listen(dispatch_control, "after_create", _insert_dispatch_row)

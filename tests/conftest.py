@@ -1,4 +1,4 @@
-"""Fixtures for tests against a real PostgreSQL server.
+"""Fixtures for tests against a real PostgreSQL server (integration and e2e).
 
 The server is `TEST_DATABASE_URL` when set (any PostgreSQL 15+ URL, to its
 maintenance database), else an embedded PostgreSQL started once per session in a

@@ -10,13 +10,13 @@ import hashlib
 
 from queue_service.core.model import RetryConfig
 
-_UNIT_DENOMINATOR = float(2**64)
+_MANTISSA_BITS = 53  # a double holds 53 bits exactly, so k / 2**53 is < 1 for every k < 2**53
 
 
 def jitter_fraction(job_id: str, attempt: int) -> float:
     """A stable value u in [0, 1) for this job's attempt."""
     digest = hashlib.blake2b(f"{job_id}\x00{attempt}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / _UNIT_DENOMINATOR
+    return (int.from_bytes(digest, "big") >> (64 - _MANTISSA_BITS)) / 2.0**_MANTISSA_BITS
 
 
 def backoff_delay(config: RetryConfig, job_id: str, failed_attempt: int) -> float:

@@ -100,7 +100,8 @@ def _retry(check: _Checker, raw: object) -> RetryConfig:
     initial = number("initial_delay_seconds", c.DEFAULT_INITIAL_DELAY_SECONDS, 0)
     # An omitted max_delay never undercuts an explicit initial delay.
     maximum = number("max_delay_seconds", max(c.DEFAULT_MAX_DELAY_SECONDS, initial), 0)
-    if maximum < initial:
+    max_delay_valid = not any(p.loc == (loc, "max_delay_seconds") for p in check.problems)
+    if max_delay_valid and maximum < initial:
         check.fail((loc, "max_delay_seconds"), "must be at least initial_delay_seconds")
     jitter = number("jitter", c.DEFAULT_JITTER, 0)
     if jitter > 1:

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI
-from fastapi.openapi.utils import get_openapi
 
 from queue_service.api import errors
 from queue_service.api.deps import require_api_key
@@ -30,17 +29,15 @@ class QueueAPI(FastAPI):
     """FastAPI whose OpenAPI document also describes the bodies parsed by hand (JobCreate)."""
 
     def openapi(self) -> dict[str, Any]:
-        if self.openapi_schema is None:
-            schema = get_openapi(
-                title=self.title, version=self.version, description=self.description, routes=self.routes
-            )
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in REQUEST_BODY_MODELS:
-                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(model_schema.pop("$defs", {}))
-                components[model.__name__] = model_schema
-            self.openapi_schema = schema
-        return self.openapi_schema
+        if self.openapi_schema is not None:
+            return self.openapi_schema
+        schema = super().openapi()  # cached on self.openapi_schema, and completed here in place
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in REQUEST_BODY_MODELS:
+            model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(model_schema.pop("$defs", {}))
+            components[model.__name__] = model_schema
+        return schema
 
 
 def create_app(settings: Settings, *, run_worker: bool) -> FastAPI:

@@ -120,15 +120,13 @@ async def request_validation_handler(request: Request, error: Exception) -> JSON
 
 async def http_error_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    code = codes.get(error.status_code, HTTPStatus(error.status_code).phrase.lower().replace(" ", "_"))
-    detail = (
-        str(error.detail)
-        if error.status_code not in codes
-        else f"{request.method} {request.url.path}: "
-        + ("no such resource" if error.status_code == 404 else "method not allowed")
-    )
-    return problem(error.status_code, code, detail, headers=error.headers)
+    where = f"{request.method} {request.url.path}"
+    if error.status_code == 404:
+        return problem(404, "not_found", f"{where}: no such resource", headers=error.headers)
+    if error.status_code == 405:  # Starlette's Allow header rides along
+        return problem(405, "method_not_allowed", f"{where}: method not allowed", headers=error.headers)
+    code = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_")
+    return problem(error.status_code, code, str(error.detail), headers=error.headers)
 
 
 _UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, OSError, TimeoutError)

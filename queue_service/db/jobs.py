@@ -19,6 +19,7 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from queue_service.core import dag, states
@@ -40,7 +41,15 @@ INSERT_CHUNK: Final = 500
 # many times; the re-run sees the winner's committed row and answers with it.
 RACE_ATTEMPTS: Final = 3
 
+# SQLSTATEs after which the whole transaction may simply run again.
+RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+
 _jobs = tables.jobs
+
+
+def is_retryable(error: DBAPIError) -> bool:
+    """True for a deadlock or serialization failure: nothing was written, try again."""
+    return getattr(error.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,8 @@ async def submit(
     """
     if len(specs) != len(request_hashes):
         raise ValueError("one request hash per spec")
+    if not capacities:
+        raise ValueError("no capacity to check jobs against: pass the configured default when no node is live")
     _check_batch_identity(specs)
     dag.check_acyclic({spec.job_id: spec.depends_on for spec in specs})
     for _ in range(RACE_ATTEMPTS):

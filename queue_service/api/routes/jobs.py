@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy.exc import DBAPIError
 
 from queue_service.api import submission
 from queue_service.api.deps import RuntimeDep
@@ -22,6 +23,7 @@ from queue_service.runtime import Runtime
 
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 500
+SUBMIT_ATTEMPTS: Final = 3  # a submission aborted by a deadlock is run again, this many times in all
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -47,10 +49,18 @@ def _now() -> datetime:
 
 async def _submit(runtime: Runtime, specs: list[JobSpec], hashes: list[str]) -> list[jobs.Submitted]:
     settings = runtime.settings
-    async with runtime.engine.begin() as conn:
-        # With no live node, the configured node size is the yardstick (SPEC §3).
-        capacities = await jobs.live_capacities(conn) or [settings.node_capacity()]
-        return await jobs.submit(conn, specs, hashes, _now(), settings.policy_config(), capacities)
+    for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+        try:
+            async with runtime.engine.begin() as conn:
+                # With no live node, the configured node size is the yardstick (SPEC §3).
+                capacities = await jobs.live_capacities(conn) or [settings.node_capacity()]
+                return await jobs.submit(conn, specs, hashes, _now(), settings.policy_config(), capacities)
+        except DBAPIError as error:
+            # A deadlock with a completing dependency (we share-lock a parent and its child
+            # while the parent's completion locks the child) is resolved by running again.
+            if attempt == SUBMIT_ATTEMPTS or not jobs.is_retryable(error):
+                raise
+    raise AssertionError("unreachable")
 
 
 @router.post(

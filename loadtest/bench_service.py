@@ -1,0 +1,184 @@
+"""Live service throughput (a benchmark, not a test): `python -m loadtest.bench_service`.
+
+Starts `taskqueue serve` as a process on a fresh database and measures, in one run:
+- 1000 jobs accepted one POST at a time by one client, by 16 concurrent clients,
+  and as one POST /jobs/batch (dispatch paused, so only the API is measured);
+- 3000 no-op jobs drained by one node (jobs/s from resume to the last completion);
+- GET /jobs/{id} latency p50/p99 over 2000 requests.
+The database is `DATABASE_URL` (a server's maintenance database) or an embedded one.
+Prints a Markdown table; `--json FILE` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+
+from queue_service.db.embedded import embedded_postgres
+from queue_service.db.engine import asyncpg_dsn
+from queue_service.settings import render_url
+
+TASKQUEUE = str(Path(sys.executable).parent / "taskqueue")
+
+
+@contextmanager
+def server_url() -> Iterator[str]:
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    with tempfile.TemporaryDirectory(prefix="tq-bench-") as folder, embedded_postgres(folder) as server:
+        yield server.url
+
+
+async def _admin(url: str, statement: str) -> None:
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
+@contextmanager
+def fresh_database(url: str) -> Iterator[str]:
+    name = f"tq_bench_{uuid.uuid4().hex[:8]}"
+    asyncio.run(_admin(url, f'CREATE DATABASE "{name}"'))
+    try:
+        yield render_url(make_url(url).set(database=name))
+    finally:
+        asyncio.run(_admin(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@contextmanager
+def service(database_url: str) -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "DATABASE_URL": database_url, "TASKQUEUE_POLL_INTERVAL_SECONDS": "0.5"}
+    process = subprocess.Popen(
+        [TASKQUEUE, "serve", "--port", str(port), "--node-id", "bench-node"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+def job(prefix: str, index: int, job_type: str = "noop") -> dict[str, Any]:
+    return {"job_id": f"{prefix}_{index:05d}", "type": job_type, "payload": {"simulate": {"duration_seconds": 0}}}
+
+
+async def one_at_a_time(client: httpx.AsyncClient, prefix: str, count: int) -> float:
+    started = time.perf_counter()
+    for i in range(count):
+        (await client.post("/jobs", json=job(prefix, i))).raise_for_status()
+    return count / (time.perf_counter() - started)
+
+
+async def concurrent(client: httpx.AsyncClient, prefix: str, count: int, clients: int) -> float:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(count):
+        queue.put_nowait(i)
+
+    async def worker() -> None:
+        while not queue.empty():
+            (await client.post("/jobs", json=job(prefix, queue.get_nowait()))).raise_for_status()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return count / (time.perf_counter() - started)
+
+
+async def one_batch(client: httpx.AsyncClient, prefix: str, count: int) -> float:
+    started = time.perf_counter()
+    (await client.post("/jobs/batch", json=[job(prefix, i) for i in range(count)])).raise_for_status()
+    return count / (time.perf_counter() - started)
+
+
+async def drain(client: httpx.AsyncClient, count: int) -> float:
+    """Submit `count` no-op jobs while paused, resume, and time until none is left waiting."""
+    for start in range(0, count, 500):
+        batch = [job("drain", i) for i in range(start, min(count, start + 500))]
+        (await client.post("/jobs/batch", json=batch)).raise_for_status()
+    started = time.perf_counter()
+    (await client.post("/dispatch/resume")).raise_for_status()
+    while True:
+        waiting = await client.get("/jobs", params={"status": ["ready", "running", "retrying"], "limit": 1})
+        if not waiting.json()["items"]:
+            return count / (time.perf_counter() - started)
+        await asyncio.sleep(0.02)
+
+
+async def read_latency(client: httpx.AsyncClient, requests: int) -> tuple[float, float]:
+    timings = []
+    for i in range(requests):
+        started = time.perf_counter()
+        (await client.get(f"/jobs/drain_{i % 3000:05d}")).raise_for_status()
+        timings.append(time.perf_counter() - started)
+    quantiles = statistics.quantiles(timings, n=100)
+    return quantiles[49] * 1000, quantiles[98] * 1000
+
+
+async def measure(base: str) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=32)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+        (await client.post("/dispatch/pause")).raise_for_status()
+        drained = await drain(client, 3000)
+        (await client.post("/dispatch/pause")).raise_for_status()  # the API alone from here on
+        return {
+            "drain_jobs_per_s": drained,
+            "post_sequential_jobs_per_s": await one_at_a_time(client, "seq", 1000),
+            "post_16_clients_jobs_per_s": await concurrent(client, "conc", 1000, 16),
+            "post_batch_jobs_per_s": await one_batch(client, "batch", 1000),
+            "get_job_ms": dict(zip(("p50", "p99"), await read_latency(client, 2000), strict=True)),
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    with server_url() as url, fresh_database(url) as database, service(database) as base:
+        results = asyncio.run(measure(base))
+    print("| measure | value |\n|---|---|")
+    print(f"| 1000 POST /jobs, one client | {results['post_sequential_jobs_per_s']:.0f} jobs/s |")
+    print(f"| 1000 POST /jobs, 16 concurrent clients | {results['post_16_clients_jobs_per_s']:.0f} jobs/s |")
+    print(f"| 1000 jobs in one POST /jobs/batch | {results['post_batch_jobs_per_s']:.0f} jobs/s |")
+    print(f"| drain 3000 no-op jobs on one node | {results['drain_jobs_per_s']:.0f} jobs/s |")
+    print(f"| GET /jobs/{{id}} p50 / p99 | {results['get_job_ms']['p50']:.1f} / {results['get_job_ms']['p99']:.1f} ms |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,7 @@ import hashlib
 import json
 import math
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Final
 
 from fastapi import Request
@@ -25,12 +25,6 @@ from queue_service.core.validation import generated_job_id, parse_job_spec
 
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024  # a batch of thousands of jobs; beyond this, 413 before parsing
 MAX_JSON_DEPTH: Final = 64  # nesting PostgreSQL's jsonb and our own walks take without strain
-MAX_STORED_INT: Final = 2**31 - 1  # integer columns are int4
-_INT_FIELDS: Final[tuple[tuple[tuple[str, str], Callable[[JobSpec], int]], ...]] = (
-    (("resource_requirements", "cpu_units"), lambda s: s.resources.cpu_units),
-    (("resource_requirements", "memory_mb"), lambda s: s.resources.memory_mb),
-    (("retry_config", "max_attempts"), lambda s: s.retry.max_attempts),
-)
 
 Loc = tuple[str | int, ...]
 
@@ -109,13 +103,6 @@ def parse_one(document: Any, loc: Loc = ("body",)) -> tuple[JobSpec, str]:
         spec = parse_job_spec(document, default_job_id=generated_job_id(secrets.token_hex(6)))
     except InvalidJob as invalid:
         raise InvalidJob([FieldProblem((*loc, *p.loc), p.message) for p in invalid.problems]) from None
-    too_big = [
-        FieldProblem((*loc, *field), f"must be at most {MAX_STORED_INT}")
-        for field, value in _INT_FIELDS
-        if value(spec) > MAX_STORED_INT
-    ]
-    if too_big:
-        raise InvalidJob(too_big)
     return spec, request_hash(spec, client_job_id="job_id" in document)
 
 

@@ -7,6 +7,7 @@ simulator compute the very same delay for the same failure.
 from __future__ import annotations
 
 import hashlib
+import math
 
 from queue_service.core.model import RetryConfig
 
@@ -27,8 +28,10 @@ def backoff_delay(config: RetryConfig, job_id: str, failed_attempt: int) -> floa
     if failed_attempt < 1:
         raise ValueError("attempts are numbered from 1")
     try:
-        raw = config.initial_delay_seconds * config.backoff_multiplier ** (failed_attempt - 1)
-    except OverflowError:  # a huge exponent: the cap applies anyway
-        raw = config.max_delay_seconds
+        growth = config.backoff_multiplier ** (failed_attempt - 1)
+    except OverflowError:  # a huge exponent: unbounded growth, so the cap applies
+        growth = math.inf
+    # A zero initial delay stays zero however large the growth (0 × inf would be NaN).
+    raw = config.initial_delay_seconds * growth if config.initial_delay_seconds else 0.0
     capped = min(config.max_delay_seconds, raw)
     return capped * (1.0 - config.jitter * jitter_fraction(job_id, failed_attempt))

@@ -11,6 +11,7 @@ GENERATED_JOB_ID_LENGTH: Final = 12  # lowercase hex characters after the prefix
 JOB_TYPE_MAX_LENGTH: Final = 64
 IDEMPOTENCY_KEY_MAX_LENGTH: Final = 255
 MAX_PAYLOAD_BYTES: Final = 64 * 1024  # serialized JSON; larger is 413
+MAX_WHOLE_NUMBER: Final = 2**31 - 1  # cpu_units, memory_mb, attempt counts: stored as 32-bit integers
 
 # Resources: a job's default need and a node's default capacity.
 DEFAULT_CPU_UNITS: Final = 1

@@ -57,6 +57,8 @@ class _Checker:
             return minimum
         if value < minimum:
             self.fail(loc, f"must be at least {minimum}")
+        elif value > c.MAX_WHOLE_NUMBER:
+            self.fail(loc, f"must be at most {c.MAX_WHOLE_NUMBER}")
         return value
 
     def number(self, value: object, loc: tuple[str | int, ...], minimum: float, *, strict: bool = False) -> float:

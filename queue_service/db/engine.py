@@ -177,3 +177,11 @@ def translate_errors() -> Iterator[None]:
         if translated is None:
             raise
         raise translated from error
+
+
+RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
+
+
+def is_retryable(error: DBAPIError) -> bool:
+    """True for a deadlock or serialization failure: nothing was written, try again."""
+    return getattr(error.orig, "sqlstate", None) in RETRYABLE_SQLSTATES

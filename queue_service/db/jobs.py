@@ -19,7 +19,6 @@ from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from queue_service.core import dag, states
@@ -42,14 +41,8 @@ INSERT_CHUNK: Final = 500
 RACE_ATTEMPTS: Final = 3
 
 # SQLSTATEs after which the whole transaction may simply run again.
-RETRYABLE_SQLSTATES: Final = frozenset({"40001", "40P01"})  # serialization_failure, deadlock_detected
 
 _jobs = tables.jobs
-
-
-def is_retryable(error: DBAPIError) -> bool:
-    """True for a deadlock or serialization failure: nothing was written, try again."""
-    return getattr(error.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
 
 
 @dataclass(frozen=True)

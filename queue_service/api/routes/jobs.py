@@ -19,6 +19,7 @@ from queue_service.core import constants as c
 from queue_service.core.model import JobSpec, JobStatus, Priority
 from queue_service.core.validation import is_valid_job_id
 from queue_service.db import attempts, jobs
+from queue_service.db.engine import is_retryable
 from queue_service.runtime import Runtime
 
 DEFAULT_PAGE_SIZE: Final = 50
@@ -58,7 +59,7 @@ async def _submit(runtime: Runtime, specs: list[JobSpec], hashes: list[str]) -> 
         except DBAPIError as error:
             # A deadlock with a completing dependency (we share-lock a parent and its child
             # while the parent's completion locks the child) is resolved by running again.
-            if attempt == SUBMIT_ATTEMPTS or not jobs.is_retryable(error):
+            if attempt == SUBMIT_ATTEMPTS or not is_retryable(error):
                 raise
     raise AssertionError("unreachable")
 

@@ -175,7 +175,8 @@ def main() -> None:
     print(f"| 1000 POST /jobs, 16 concurrent clients | {results['post_16_clients_jobs_per_s']:.0f} jobs/s |")
     print(f"| 1000 jobs in one POST /jobs/batch | {results['post_batch_jobs_per_s']:.0f} jobs/s |")
     print(f"| drain 3000 no-op jobs on one node | {results['drain_jobs_per_s']:.0f} jobs/s |")
-    print(f"| GET /jobs/{{id}} p50 / p99 | {results['get_job_ms']['p50']:.1f} / {results['get_job_ms']['p99']:.1f} ms |")
+    latency = results["get_job_ms"]
+    print(f"| GET /jobs/{{id}} p50 / p99 | {latency['p50']:.1f} / {latency['p99']:.1f} ms |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

@@ -12,6 +12,7 @@ Create Date: 2026-11-28
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
@@ -26,7 +27,7 @@ NOW = sa.text("now()")
 EMPTY_OBJECT = sa.text("'{}'::jsonb")
 
 
-def _ts(name: str, *, nullable: bool = True, now_default: bool = False) -> sa.Column:
+def _ts(name: str, *, nullable: bool = True, now_default: bool = False) -> sa.Column[Any]:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable, server_default=NOW if now_default else None)
 
 

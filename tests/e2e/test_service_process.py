@@ -33,7 +33,7 @@ class Service:
 
     def __init__(self, database_url: str, node_id: str, **env: str) -> None:
         self.port = free_port()
-        self.log = tempfile.TemporaryFile()
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the process, closed in stop()
         self.url = f"http://127.0.0.1:{self.port}"
         environment = {
             **os.environ,

@@ -201,7 +201,7 @@ def formula(job: dict[str, Any], attempt: int) -> float:
     base = min(
         retry["max_delay_seconds"], retry["initial_delay_seconds"] * retry["backoff_multiplier"] ** (attempt - 1)
     )
-    return base * (1 - retry["jitter"] * jitter_fraction(job["job_id"], attempt))
+    return float(base * (1 - retry["jitter"] * jitter_fraction(job["job_id"], attempt)))
 
 
 async def test_failures_retry_at_backoff_times_and_propagate(client: httpx.AsyncClient) -> None:

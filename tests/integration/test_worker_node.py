@@ -127,7 +127,7 @@ async def test_two_nodes_share_work_without_running_anything_twice(engine: Async
     await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 200, timeout=60)
     async with engine.connect() as conn:
         per_job = (await conn.execute(sa.text("SELECT max(attempts), min(attempts) FROM jobs"))).one()
-        per_node = dict(
+        per_node: dict[str, int] = dict(
             (await conn.execute(sa.text("SELECT node_id, count(*) FROM job_attempts GROUP BY node_id"))).all()
         )
         rows = (await conn.execute(sa.text("SELECT node_id, started_at, ended_at FROM job_attempts"))).all()

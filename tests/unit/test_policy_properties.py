@@ -1,7 +1,9 @@
 """Properties of plan() over random nodes, running sets and candidates (SPEC §5).
 
-Whole-number times and sizes keep the comparisons exact; small ranges make ties,
-full nodes and oversized candidates common.
+Whole-number times and sizes keep the comparisons exact. The generator leans towards
+what makes the policy work hard: few distinct keys and durations (ties, jobs ending
+together, backfills ending exactly at a reservation), overdue running jobs, candidates
+larger than the node, and often a job that the running set blocks.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def draw_size(draw: st.DrawFn, capacity: Resources) -> Resources:
     if kind == 0:
         return Resources(1, MEMORY_STEP)
     cpu_max, mem_max = capacity.cpu_units, capacity.memory_mb // MEMORY_STEP
-    if kind < 2:
+    if kind == 1:
         cpu_max, mem_max = max(1, cpu_max // 3), max(1, mem_max // 3)
     else:
         cpu_max, mem_max = cpu_max + 1, mem_max + 1

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -31,6 +32,15 @@ from queue_service.worker.handlers import HandlerRegistry, JobContext, Permanent
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
+
+
+class NodeObserver(Protocol):
+    """What a node reports as it works (metrics, tracing). Called on the event loop;
+    must not block or raise."""
+
+    def claimed(self, node_id: str, claims: list[Claim], claim_seconds: float) -> None: ...
+
+    def attempt_ended(self, node_id: str, claim: Claim, end: AttemptEnd, run_seconds: float) -> None: ...
 
 
 def utc_now() -> datetime:
@@ -53,6 +63,7 @@ class WorkerNode:
     registry: HandlerRegistry = field(default_factory=lambda: default_registry)
     clock: Clock = utc_now
     node_id: str = ""
+    observers: list[NodeObserver] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.node_id = self.node_id or self.settings.resolved_node_id()
@@ -145,6 +156,13 @@ class WorkerNode:
         elif event == CANCEL_ATTEMPT and message.get("node_id") == self.node_id:
             self._stop_attempt(str(message.get("job_id")), "cancelled")
 
+    def _notify(self, method: str, *args: Any) -> None:
+        for observer in self.observers:
+            try:
+                getattr(observer, method)(*args)
+            except Exception:  # observability must never break the work it observes
+                log.exception("node observer %r failed in %s", observer, method)
+
     def _stop_attempt(self, job_id: str, reason: str) -> None:
         attempt = self.running.get(job_id)
         if attempt is not None and not attempt.task.done() and not attempt.recording:
@@ -159,6 +177,7 @@ class WorkerNode:
             self._wake.clear()
             if self._stopping:
                 return
+            started = time.monotonic()
             try:
                 async with self.engine.begin() as conn:
                     claims = await attempts.claim(
@@ -168,6 +187,7 @@ class WorkerNode:
                 log.exception("dispatch on %s failed; retrying", self.node_id)
                 await asyncio.sleep(self.settings.poll_interval_seconds)
                 continue
+            self._notify("claimed", self.node_id, claims, time.monotonic() - started)
             for claim in claims:
                 task = asyncio.create_task(self._run(claim), name=f"{claim.job_id}#{claim.attempt}")
                 self.running[claim.job_id] = RunningAttempt(claim, task)
@@ -177,6 +197,7 @@ class WorkerNode:
             claim.job_id, claim.type, claim.priority, claim.payload, claim.attempt, claim.timeout_seconds
         )
         handler = self.registry.resolve(claim.type, strict=self.settings.strict_handlers)
+        started = time.monotonic()
         try:
             end = await self._execute(handler, context, claim.timeout_seconds)
         except asyncio.CancelledError:
@@ -187,6 +208,7 @@ class WorkerNode:
                 self.running.pop(claim.job_id, None)
                 return
         self.running[claim.job_id].recording = True
+        self._notify("attempt_ended", self.node_id, claim, end, time.monotonic() - started)
         try:
             await self._record(claim, end)
         finally:

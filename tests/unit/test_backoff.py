@@ -126,10 +126,15 @@ def test_huge_attempt_numbers_are_capped_not_overflowing(attempt: int) -> None:
     assert 0.0 < backoff_delay(RetryConfig(jitter=1.0), "job_a", attempt) <= 300.0
 
 
+def test_a_huge_multiplier_is_capped_not_overflowing() -> None:
+    assert backoff_delay(RetryConfig(backoff_multiplier=1e300), "job_a", 3) == 300.0
+
+
 def test_zero_initial_delay_stays_zero_for_huge_attempt_numbers() -> None:
     config = RetryConfig(initial_delay_seconds=0.0, max_delay_seconds=300.0)
     assert backoff_delay(config, "job_a", 1_024) == 0.0
-    assert backoff_delay(config, "job_a", 1_025) == 0.0
+    assert backoff_delay(config, "job_a", 1_025) == 0.0  # 2.0**1024 overflows: 0 × ∞ must not become the cap
+    assert backoff_delay(RetryConfig(initial_delay_seconds=0.0, backoff_multiplier=1e300), "job_a", 3) == 0.0
 
 
 def test_jitter_fraction_stays_below_one_for_the_largest_digests(monkeypatch: pytest.MonkeyPatch) -> None:

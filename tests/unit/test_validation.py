@@ -113,6 +113,19 @@ def test_idempotency_key_lengths_at_the_bounds_are_accepted(key: str) -> None:
     assert parse({"type": "t", "idempotency_key": key}).idempotency_key == key
 
 
+def test_whole_numbers_up_to_2_to_the_31_minus_1_are_accepted() -> None:
+    biggest = 2**31 - 1
+    spec = parse(
+        {
+            "type": "t",
+            "resource_requirements": {"cpu_units": biggest, "memory_mb": biggest},
+            "retry_config": {"max_attempts": biggest},
+        }
+    )
+    assert spec.resources == Resources(biggest, biggest)
+    assert spec.retry.max_attempts == biggest
+
+
 @pytest.mark.parametrize("jitter", [0, 0.5, 1])
 def test_jitter_from_zero_to_one_inclusive_is_accepted(jitter: float) -> None:
     assert parse({"type": "t", "retry_config": {"jitter": jitter}}).retry.jitter == jitter
@@ -169,6 +182,15 @@ REJECTIONS: list[tuple[str, dict[str, Any], Loc]] = [
     ("memory bool", {"resource_requirements": {"memory_mb": True}}, ("resource_requirements", "memory_mb")),
     ("memory null", {"resource_requirements": {"memory_mb": None}}, ("resource_requirements", "memory_mb")),
     ("resources unknown field", {"resource_requirements": {"gpu": 1}}, ("resource_requirements", "gpu")),
+    # whole numbers are stored as 32-bit integers
+    ("cpu over 2**31-1", {"resource_requirements": {"cpu_units": 2**31}}, ("resource_requirements", "cpu_units")),
+    ("memory over 2**31-1", {"resource_requirements": {"memory_mb": 2**31}}, ("resource_requirements", "memory_mb")),
+    ("max_attempts over 2**31-1", {"retry_config": {"max_attempts": 2**31}}, ("retry_config", "max_attempts")),
+    (
+        "simulate fail_attempts over 2**31-1",
+        {"payload": {"simulate": {"fail_attempts": 2**31}}},
+        ("payload", "simulate", "fail_attempts"),
+    ),
     # depends_on
     ("depends_on string", {"depends_on": "job_a"}, ("depends_on",)),
     ("depends_on bad entry", {"depends_on": ["job_a", "bad id"]}, ("depends_on", 1)),

@@ -5,9 +5,10 @@ shutdown, cancel. One transaction per call; the caller opens it.
 
 from __future__ import annotations
 
+import json
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from queue_service.core import execution, states
 from queue_service.core.errors import QueueError
-from queue_service.core.model import AttemptOutcome, JobStatus, Resources, RetryConfig
+from queue_service.core.model import ZERO, AttemptOutcome, JobStatus, Resources, RetryConfig
 from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, plan
 from queue_service.db import lifecycle
 from queue_service.db.events import CANCEL_ATTEMPT, WAKE_DISPATCH, LogEntry, StatusChange, announce, write_log
@@ -199,11 +200,23 @@ class AttemptEnd:
     result: Any = None
 
 
-_RUNNING_ROW = """
+_RUNNING_ROWS = """
     SELECT job_id, type, priority, status, attempts, counted_attempts, attempt_budget, worker_id, cpu_units, memory_mb,
            max_attempts, backoff_multiplier, initial_delay_seconds, max_delay_seconds, jitter, lease_token
-    FROM jobs WHERE job_id = :id AND status = 'running' {fence} FOR UPDATE
+    FROM jobs WHERE job_id = ANY(CAST(:ids AS text[])) AND status = 'running' ORDER BY job_id FOR UPDATE
 """
+_CLEAR_LEASE = "lease_token = NULL, lease_expires_at = NULL"
+_FAILURE_EVENTS = {AttemptOutcome.TIMED_OUT: "timed_out", AttemptOutcome.WORKER_LOST: "worker_lost"}
+
+
+@dataclass(frozen=True)
+class Ending:
+    """One attempt's end to record. With a lease token, only the attempt's owner may
+    end it (fencing); without one (the reaper), whoever holds the row may."""
+
+    job_id: str
+    lease_token: uuid.UUID | None
+    end: AttemptEnd
 
 
 async def end_attempt(
@@ -214,72 +227,103 @@ async def end_attempt(
     now: datetime,
     policy: PolicyConfig,
 ) -> bool:
-    """Record how the attempt ended and move the job on. With a token, only the
-    attempt's owner may end it (fencing): a stale worker gets False and changes nothing."""
-    fence = "AND lease_token = :token" if lease_token is not None else ""
-    row = (
-        await conn.execute(sa.text(_RUNNING_ROW.format(fence=fence)), {"id": job_id, "token": lease_token})
-    ).one_or_none()
-    if row is None:
-        return False
-    head = JobHead(row.job_id, row.type, row.priority, row.status, row.attempts)
+    """Record how one attempt ended; False (and nothing changed) for a stale owner."""
+    (owned,) = await end_attempts(conn, [Ending(job_id, lease_token, end)], now, policy)
+    return owned
+
+
+def _json_result(result: Any) -> str:
+    """The handler's result as JSON; what JSON cannot hold is kept as its repr."""
+    try:
+        return json.dumps(result)
+    except (TypeError, ValueError):
+        return json.dumps({"unserialisable_result": repr(result)[:1000]})
+
+
+@dataclass
+class _Outcomes:
+    """What a batch of endings does, grouped so each kind is one statement."""
+
+    completed: list[tuple[str, str]] = field(default_factory=list)  # job id, result JSON
+    requeued: list[str] = field(default_factory=list)
+    retrying: list[tuple[str, int, str, datetime]] = field(default_factory=list)
+    failed: list[tuple[str, int, str, str]] = field(default_factory=list)
+    entries: list[LogEntry] = field(default_factory=list)
+    changes: list[StatusChange] = field(default_factory=list)
+
+
+async def end_attempts(
+    conn: AsyncConnection, endings: Sequence[Ending], now: datetime, policy: PolicyConfig
+) -> list[bool]:
+    """Record how attempts ended and move their jobs on, in one round of statements
+    for the whole batch (each kind of change is one set-based statement). Returns,
+    per ending, whether it was recorded (False: the caller no longer owns it)."""
+    rows = (await conn.execute(sa.text(_RUNNING_ROWS), {"ids": sorted({e.job_id for e in endings})})).all()
+    by_id = {row.job_id: row for row in rows}
+    owned: dict[str, tuple[Any, AttemptEnd]] = {}
+    for ending in endings:
+        row = by_id.get(ending.job_id)
+        if row is not None and ending.job_id not in owned and ending.lease_token in (None, row.lease_token):
+            owned[ending.job_id] = (row, ending.end)
+    if owned:
+        await _close_attempts(conn, list(owned.values()), now)
+        outcomes = _Outcomes()
+        for row, end in owned.values():
+            _decide(outcomes, row, end, now)
+        await _apply(conn, outcomes, now)
+        outcomes.changes += await lifecycle.unblock_dependants(
+            conn, [job_id for job_id, _ in outcomes.completed], now, policy
+        )
+        for job_id, *_ in outcomes.failed:
+            outcomes.changes += await lifecycle.propagate_end(conn, job_id, JobStatus.FAILED, now)
+        await announce(conn, [*(c.payload() for c in outcomes.changes), {"event": WAKE_DISPATCH}])
+    return [ending.job_id in owned and owned[ending.job_id][1] is ending.end for ending in endings]
+
+
+async def _close_attempts(conn: AsyncConnection, owned: list[tuple[Any, AttemptEnd]], now: datetime) -> None:
+    """End the attempt rows and give each node back what they held."""
     await conn.execute(
         sa.text(
-            "UPDATE job_attempts SET ended_at = :now, outcome = :outcome, error = :error "
-            "WHERE job_id = :id AND attempt = :attempt"
+            """
+            UPDATE job_attempts a SET ended_at = :now, outcome = u.outcome, error = u.error
+            FROM unnest(CAST(:ids AS text[]), CAST(:numbers AS int[]), CAST(:outcomes AS text[]),
+                        CAST(:errors AS text[])) AS u(job_id, attempt, outcome, error)
+            WHERE a.job_id = u.job_id AND a.attempt = u.attempt
+            """
         ),
-        {"now": now, "outcome": end.outcome.value, "error": end.error, "id": job_id, "attempt": row.attempts},
+        {
+            "now": now,
+            "ids": [row.job_id for row, _ in owned],
+            "numbers": [row.attempts for row, _ in owned],
+            "outcomes": [end.outcome.value for _, end in owned],
+            "errors": [end.error for _, end in owned],
+        },
     )
-    await lifecycle.release(conn, row.worker_id, Resources(row.cpu_units, row.memory_mb))
+    freed: dict[str, Resources] = {}
+    for row, _ in owned:
+        freed[row.worker_id] = freed.get(row.worker_id, ZERO) + Resources(row.cpu_units, row.memory_mb)
+    await lifecycle.release_many(conn, freed)
+
+
+def _decide(outcomes: _Outcomes, row: Any, end: AttemptEnd, now: datetime) -> None:
+    """Where one job goes after its attempt, as core decides."""
+    head = JobHead(row.job_id, row.type, row.priority, row.status, row.attempts)
+    current = JobStatus(row.status)
     if end.outcome is AttemptOutcome.SUCCEEDED:
-        changes = await _complete(conn, head, end, now, policy)
-    elif end.outcome is AttemptOutcome.INTERRUPTED:
-        changes = await _requeue(conn, head, now)
-    else:
-        changes = await _after_failure(conn, row, head, end, now)
-    await announce(conn, [*(c.payload() for c in changes), {"event": WAKE_DISPATCH}])
-    return True
-
-
-_CLEAR_LEASE = "lease_token = NULL, lease_expires_at = NULL"
-
-
-async def _complete(
-    conn: AsyncConnection, head: JobHead, end: AttemptEnd, now: datetime, policy: PolicyConfig
-) -> list[StatusChange]:
-    states.transition(head.job_id, JobStatus(head.status), JobStatus.COMPLETED)
-    await conn.execute(
-        sa.text(
-            f"UPDATE jobs SET status = 'completed', finished_at = :now, updated_at = :now, result = :result, "
-            f"last_error = NULL, {_CLEAR_LEASE} WHERE job_id = :id"
-        ).bindparams(sa.bindparam("result", type_=sa.JSON)),
-        {"now": now, "result": end.result, "id": head.job_id},
-    )
-    await write_log(
-        conn, [LogEntry(head.job_id, "succeeded", f"attempt {head.attempts} succeeded", now, head.attempts)]
-    )
-    return [head.change(JobStatus.COMPLETED, now), *await lifecycle.unblock_dependants(conn, head.job_id, now, policy)]
-
-
-async def _requeue(conn: AsyncConnection, head: JobHead, now: datetime) -> list[StatusChange]:
-    """Graceful shutdown: back to ready at its old queue position; the attempt does
-    not count against max_attempts."""
-    states.transition(head.job_id, JobStatus(head.status), JobStatus.READY)
-    await conn.execute(
-        sa.text(f"UPDATE jobs SET status = 'ready', updated_at = :now, {_CLEAR_LEASE} WHERE job_id = :id"),
-        {"now": now, "id": head.job_id},
-    )
-    message = f"attempt {head.attempts} interrupted by shutdown; back in the queue"
-    await write_log(conn, [LogEntry(head.job_id, "requeued", message, now, head.attempts, level="warning")])
-    return [head.change(JobStatus.READY, now)]
-
-
-_FAILURE_EVENTS = {AttemptOutcome.TIMED_OUT: "timed_out", AttemptOutcome.WORKER_LOST: "worker_lost"}
-
-
-async def _after_failure(
-    conn: AsyncConnection, row: Any, head: JobHead, end: AttemptEnd, now: datetime
-) -> list[StatusChange]:
+        outcomes.changes.append(head.change(states.transition(head.job_id, current, JobStatus.COMPLETED), now))
+        outcomes.completed.append((head.job_id, _json_result(end.result)))
+        outcomes.entries.append(
+            LogEntry(head.job_id, "succeeded", f"attempt {head.attempts} succeeded", now, head.attempts)
+        )
+        return
+    if end.outcome is AttemptOutcome.INTERRUPTED:
+        # Graceful shutdown: back to ready at its old queue position; the attempt
+        # keeps its number and does not count against max_attempts.
+        outcomes.changes.append(head.change(states.transition(head.job_id, current, JobStatus.READY), now))
+        outcomes.requeued.append(head.job_id)
+        message = f"attempt {head.attempts} interrupted by shutdown; back in the queue"
+        outcomes.entries.append(LogEntry(head.job_id, "requeued", message, now, head.attempts, level="warning"))
+        return
     counted = row.counted_attempts + 1
     retry = RetryConfig(
         row.attempt_budget, row.backoff_multiplier, row.initial_delay_seconds, row.max_delay_seconds, row.jitter
@@ -293,55 +337,76 @@ async def _after_failure(
         failed_at=epoch(now),
     )
     error = end.error or end.outcome.value
-    entries = [
-        LogEntry(
-            head.job_id,
-            _FAILURE_EVENTS.get(end.outcome, "attempt_failed"),
-            f"attempt {head.attempts}: {error}",
-            now,
-            head.attempts,
-            level="error",
-            data={"outcome": end.outcome.value},
-        )
-    ]
-    params = {"id": head.job_id, "now": now, "counted": counted, "error": error}
+    event = _FAILURE_EVENTS.get(end.outcome, "attempt_failed")
+    data = {"outcome": end.outcome.value}
+    outcomes.entries.append(
+        LogEntry(head.job_id, event, f"attempt {head.attempts}: {error}", now, head.attempts, level="error", data=data)
+    )
     if isinstance(decision, execution.RetryAt):
-        states.transition(head.job_id, JobStatus(head.status), JobStatus.RETRYING)
+        outcomes.changes.append(head.change(states.transition(head.job_id, current, JobStatus.RETRYING), now))
+        outcomes.retrying.append((head.job_id, counted, error, from_epoch(decision.next_attempt_at)))
+        message = f"attempt {head.attempts + 1} in {decision.delay_seconds:.3f}s"
+        data_retry = {"delay_seconds": decision.delay_seconds}
+        outcomes.entries.append(LogEntry(head.job_id, "retry_scheduled", message, now, head.attempts, data=data_retry))
+        return
+    outcomes.changes.append(head.change(states.transition(head.job_id, current, JobStatus.FAILED), now))
+    outcomes.failed.append((head.job_id, counted, error, decision.reason.value))
+    message = f"failed: {decision.reason.value}"
+    outcomes.entries.append(LogEntry(head.job_id, "failed", message, now, head.attempts, level="error"))
+
+
+async def _apply(conn: AsyncConnection, outcomes: _Outcomes, now: datetime) -> None:
+    """One statement per kind of change, whatever the batch size."""
+    if outcomes.completed:
+        ids, results = zip(*outcomes.completed, strict=True)
         await conn.execute(
             sa.text(
-                f"UPDATE jobs SET status = 'retrying', counted_attempts = :counted, last_error = :error, "
-                f"next_attempt_at = :due, updated_at = :now, {_CLEAR_LEASE} WHERE job_id = :id"
+                f"""
+                UPDATE jobs SET status = 'completed', finished_at = :now, updated_at = :now,
+                                result = CAST(u.result AS jsonb), last_error = NULL, {_CLEAR_LEASE}
+                FROM unnest(CAST(:ids AS text[]), CAST(:results AS text[])) AS u(job_id, result)
+                WHERE jobs.job_id = u.job_id
+                """
             ),
-            {**params, "due": from_epoch(decision.next_attempt_at)},
+            {"now": now, "ids": list(ids), "results": list(results)},
         )
-        entries.append(
-            LogEntry(
-                head.job_id,
-                "retry_scheduled",
-                f"attempt {head.attempts + 1} in {decision.delay_seconds:.3f}s",
-                now,
-                head.attempts,
-                data={"delay_seconds": decision.delay_seconds},
-            )
+    if outcomes.requeued:
+        await conn.execute(
+            sa.text(
+                f"UPDATE jobs SET status = 'ready', updated_at = :now, {_CLEAR_LEASE} "
+                "WHERE job_id = ANY(CAST(:ids AS text[]))"
+            ),
+            {"now": now, "ids": outcomes.requeued},
         )
-        await write_log(conn, entries)
-        return [head.change(JobStatus.RETRYING, now)]
-    states.transition(head.job_id, JobStatus(head.status), JobStatus.FAILED)
-    await conn.execute(
-        sa.text(
-            f"UPDATE jobs SET status = 'failed', counted_attempts = :counted, last_error = :error, "
-            f"failure_reason = :reason, finished_at = :now, updated_at = :now, {_CLEAR_LEASE} WHERE job_id = :id"
-        ),
-        {**params, "reason": decision.reason.value},
-    )
-    entries.append(
-        LogEntry(head.job_id, "failed", f"failed: {decision.reason.value}", now, head.attempts, level="error")
-    )
-    await write_log(conn, entries)
-    return [
-        head.change(JobStatus.FAILED, now),
-        *await lifecycle.propagate_end(conn, head.job_id, JobStatus.FAILED, now),
-    ]
+    if outcomes.retrying:
+        ids, counted, errors, due = zip(*outcomes.retrying, strict=True)
+        await conn.execute(
+            sa.text(
+                f"""
+                UPDATE jobs SET status = 'retrying', counted_attempts = u.counted, last_error = u.error,
+                                next_attempt_at = u.due, updated_at = :now, {_CLEAR_LEASE}
+                FROM unnest(CAST(:ids AS text[]), CAST(:counted AS int[]), CAST(:errors AS text[]),
+                            CAST(:due AS timestamptz[])) AS u(job_id, counted, error, due)
+                WHERE jobs.job_id = u.job_id
+                """
+            ),
+            {"now": now, "ids": list(ids), "counted": list(counted), "errors": list(errors), "due": list(due)},
+        )
+    if outcomes.failed:
+        ids, counted, errors, reasons = zip(*outcomes.failed, strict=True)
+        await conn.execute(
+            sa.text(
+                f"""
+                UPDATE jobs SET status = 'failed', counted_attempts = u.counted, last_error = u.error,
+                                failure_reason = u.reason, finished_at = :now, updated_at = :now, {_CLEAR_LEASE}
+                FROM unnest(CAST(:ids AS text[]), CAST(:counted AS int[]), CAST(:errors AS text[]),
+                            CAST(:reasons AS text[])) AS u(job_id, counted, error, reason)
+                WHERE jobs.job_id = u.job_id
+                """
+            ),
+            {"now": now, "ids": list(ids), "counted": list(counted), "errors": list(errors), "reasons": list(reasons)},
+        )
+    await write_log(conn, outcomes.entries)
 
 
 async def wake_due_retries(conn: AsyncConnection, now: datetime, policy: PolicyConfig) -> int:
@@ -421,7 +486,10 @@ async def cancel_job(conn: AsyncConnection, job_id: str, now: datetime) -> list[
     its worker is told to stop the task. Descendants still waiting are cancelled too."""
     row = (
         await conn.execute(
-            sa.text(f"{_RUNNING_ROW.format(fence='')}".replace("AND status = 'running' ", "")),
+            sa.text(
+                "SELECT job_id, type, priority, status, attempts, worker_id, cpu_units, memory_mb "
+                "FROM jobs WHERE job_id = :id FOR UPDATE"
+            ),
             {"id": job_id},
         )
     ).one_or_none()

@@ -77,43 +77,47 @@ async def make_ready(
 
 
 async def unblock_dependants(
-    conn: AsyncConnection, parent_id: str, now: datetime, policy: PolicyConfig
+    conn: AsyncConnection, parent_ids: Sequence[str], now: datetime, policy: PolicyConfig
 ) -> list[StatusChange]:
-    """A dependency completed: count it off each blocked dependant (found by index,
-    never by scan); those with nothing left to wait for become ready."""
+    """Dependencies completed: count them off each blocked dependant (found by index,
+    never by scan); those with nothing left to wait for become ready. A dependant of
+    several parents completed together counts each of them."""
+    if not parent_ids:
+        return []
     rows = (
         await conn.execute(
             sa.text(
                 f"""
-                SELECT {_HEAD}, unfinished_deps FROM jobs
-                WHERE job_id IN (SELECT job_id FROM job_dependencies WHERE depends_on_job_id = :parent)
+                SELECT {_HEAD}, unfinished_deps,
+                       (SELECT count(*) FROM job_dependencies d
+                        WHERE d.job_id = jobs.job_id AND d.depends_on_job_id = ANY(CAST(:parents AS text[]))) AS done
+                FROM jobs
+                WHERE job_id IN (SELECT job_id FROM job_dependencies
+                                 WHERE depends_on_job_id = ANY(CAST(:parents AS text[])))
                   AND status = 'blocked'
                 ORDER BY job_id
                 FOR UPDATE
                 """
             ),
-            {"parent": parent_id},
+            {"parents": list(parent_ids)},
         )
     ).all()
-    if not rows:
-        return []
-    still_waiting = [r.job_id for r in rows if r.unfinished_deps > 1]
+    still_waiting = [r for r in rows if r.unfinished_deps > r.done]
     if still_waiting:
         await conn.execute(
             sa.text(
-                "UPDATE jobs SET unfinished_deps = unfinished_deps - 1, updated_at = :now "
-                "WHERE job_id = ANY(CAST(:ids AS text[]))"
+                """
+                UPDATE jobs SET unfinished_deps = unfinished_deps - u.done, updated_at = :now
+                FROM unnest(CAST(:ids AS text[]), CAST(:done AS int[])) AS u(job_id, done)
+                WHERE jobs.job_id = u.job_id
+                """
             ),
-            {"ids": still_waiting, "now": now},
+            {"ids": [r.job_id for r in still_waiting], "done": [r.done for r in still_waiting], "now": now},
         )
-    freed = [JobHead(r.job_id, r.type, r.priority, r.status, r.attempts) for r in rows if r.unfinished_deps == 1]
-    if not freed:
-        return []
+    freed = [JobHead(r.job_id, r.type, r.priority, r.status, r.attempts) for r in rows if r.unfinished_deps <= r.done]
     # The counter reaches zero in the statement that makes the job ready: the schema
     # refuses a blocked job with nothing to wait for, even for an instant.
-    return await make_ready(
-        conn, freed, now, policy, event="ready", message=f"every dependency completed (last: {parent_id})"
-    )
+    return await make_ready(conn, freed, now, policy, event="ready", message="every dependency completed")
 
 
 async def propagate_end(
@@ -175,6 +179,23 @@ async def propagate_end(
     event = "dependency_failed" if end_status is JobStatus.FAILED else "cancelled"
     await write_log(conn, [LogEntry(h.job_id, event, message, now, level="warning") for h in waiting])
     return [h.change(end_status, now) for h in waiting]
+
+
+async def release_many(conn: AsyncConnection, freed: dict[str, Resources]) -> None:
+    """Give attempts' resources back to their nodes, in node order (a fixed lock order)."""
+    if not freed:
+        return
+    nodes = sorted(freed)
+    await conn.execute(
+        sa.text(
+            """
+            UPDATE nodes SET cpu_used = cpu_used - u.cpu, memory_used = memory_used - u.memory
+            FROM unnest(CAST(:nodes AS text[]), CAST(:cpu AS int[]), CAST(:memory AS int[])) AS u(node_id, cpu, memory)
+            WHERE nodes.node_id = u.node_id
+            """
+        ),
+        {"nodes": nodes, "cpu": [freed[n].cpu_units for n in nodes], "memory": [freed[n].memory_mb for n in nodes]},
+    )
 
 
 async def release(conn: AsyncConnection, node_id: str, resources: Resources) -> None:

@@ -254,3 +254,58 @@ async def test_a_timed_out_attempt_is_retried(engine: AsyncEngine, nodes: NodeFa
             .all()
         )
     assert outcomes == ["timed_out", "succeeded"]
+
+
+async def test_a_dependant_of_two_parents_ending_in_one_batch_becomes_ready(engine: AsyncEngine, clean: None) -> None:
+    """Batched endings count every completed parent of a shared dependant."""
+    now = datetime.now(UTC)
+    tokens = {"left": uuid.uuid4(), "right": uuid.uuid4()}
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO nodes (node_id, cpu_capacity, memory_capacity, cpu_used, memory_used) "
+                "VALUES ('batch-node', 8, 4096, 2, 256)"
+            )
+        )
+        for name, token in tokens.items():
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO jobs (job_id, type, priority, status, cpu_units, memory_mb, max_attempts, "
+                    "backoff_multiplier, initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, "
+                    "request_hash, attempts, attempt_budget, started_at, worker_id, lease_token, lease_expires_at) "
+                    "VALUES (:id, 'work', 'normal', 'running', 1, 128, 3, 2, 1, 60, 0, 30, 'h', 1, 3, :now, "
+                    "'batch-node', :token, :until)"
+                ),
+                {"id": name, "now": now, "token": token, "until": now + timedelta(seconds=30)},
+            )
+            await conn.execute(
+                sa.text(
+                    "INSERT INTO job_attempts (job_id, attempt, node_id, started_at, lease_token) "
+                    "VALUES (:id, 1, 'batch-node', :now, :token)"
+                ),
+                {"id": name, "now": now, "token": token},
+            )
+        await conn.execute(
+            sa.text(
+                "INSERT INTO jobs (job_id, type, priority, status, cpu_units, memory_mb, max_attempts, "
+                "backoff_multiplier, initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, "
+                "request_hash, attempt_budget, unfinished_deps) "
+                "VALUES ('child', 'work', 'normal', 'blocked', 1, 128, 3, 2, 1, 60, 0, 30, 'h', 3, 2)"
+            )
+        )
+        await conn.execute(
+            sa.text(
+                "INSERT INTO job_dependencies (job_id, depends_on_job_id) VALUES ('child', 'left'), ('child', 'right')"
+            )
+        )
+    endings = [attempts.Ending(name, token, AttemptEnd(AttemptOutcome.SUCCEEDED)) for name, token in tokens.items()]
+    async with engine.begin() as conn:
+        owned = await attempts.end_attempts(conn, endings, datetime.now(UTC), Settings().policy_config())
+    assert owned == [True, True]
+    async with engine.connect() as conn:
+        child = (await conn.execute(sa.text("SELECT status, unfinished_deps FROM jobs WHERE job_id = 'child'"))).one()
+        used = (
+            await conn.execute(sa.text("SELECT cpu_used, memory_used FROM nodes WHERE node_id = 'batch-node'"))
+        ).one()
+    assert tuple(child) == ("ready", 0)
+    assert tuple(used) == (0, 0)

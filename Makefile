@@ -32,6 +32,7 @@ simulate: install  ## every scenario through the simulator, charts into sim-out/
 
 bench: install-dev  ## benchmarks (not part of the test run)
 	$(BIN)/python -m loadtest.bench_simulator
+	$(BIN)/python -m loadtest.bench_service
 
 clean:
 	rm -rf $(VENV) sim-out .pytest_cache .mypy_cache .ruff_cache

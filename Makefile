@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test install install-dev lint unit simulate bench clean
+.PHONY: serve test install install-dev lint unit simulate bench evaluate clean
 
 serve: install  ## install, then run the API and one worker node (embedded PostgreSQL without DATABASE_URL)
 	$(BIN)/taskqueue serve
@@ -29,6 +29,9 @@ lint:
 
 simulate: install  ## every scenario through the simulator, charts into sim-out/
 	$(BIN)/simulate scenarios/*.yaml --out sim-out
+
+evaluate: install-dev  ## regenerate evaluation_results.md from real runs
+	$(BIN)/python -m loadtest.evaluate
 
 bench: install-dev  ## benchmarks (not part of the test run)
 	$(BIN)/python -m loadtest.bench_simulator

@@ -54,9 +54,10 @@ def gantt(run: ScenarioRun, path: Path) -> None:
     ax.set_title(f"{run.scenario.name}: attempts on a {cap.cpu_units} CPU / {cap.memory_mb} MB node")
     legend = [Patch(color=colour, label=outcome.value) for outcome, colour in OUTCOME_COLOURS.items()]
     legend.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="backfilled"))
-    ax.legend(handles=legend, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(legend), fontsize=7)
     ax.grid(axis="x", linewidth=0.3)
-    fig.tight_layout()
+    # Below the axis label, in a strip tight_layout leaves free.
+    fig.legend(handles=legend, loc="lower center", ncol=len(legend), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * 3.0 / height, 1, 1))
     fig.savefig(path, metadata=PNG_METADATA)
     plt.close(fig)
 
@@ -74,8 +75,8 @@ def utilization(run: ScenarioRun, path: Path) -> None:
     ax.set_ylabel("% of capacity")
     m = run.metrics
     ax.set_title(f"{run.scenario.name}: CPU {m.cpu_utilization:.0%}, memory {m.memory_utilization:.0%} on average")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, fontsize=8)
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, metadata=PNG_METADATA)
     plt.close(fig)
 

@@ -48,7 +48,8 @@ _jobs = tables.jobs
 @dataclass(frozen=True)
 class Submitted:
     """One submitted job as the API returns it, and whether this request created it
-    (False: an idempotent replay answered with the original)."""
+    (False: an idempotent replay answered with the original, as a full public job;
+    True: the submission answer of SPEC §4)."""
 
     job: dict[str, Any]
     created: bool
@@ -138,10 +139,14 @@ async def _submit_once(
 ) -> list[Submitted]:
     originals = await _replays(conn, specs, hashes)
     new = [(spec, digest) for spec, digest in zip(specs, hashes, strict=True) if spec.job_id not in originals]
-    if new:
-        await _create(conn, new, now, policy, capacities)
-    public = await _public_many(conn, [originals.get(spec.job_id, spec.job_id) for spec in specs])
-    return [Submitted(public[originals.get(spec.job_id, spec.job_id)], spec.job_id not in originals) for spec in specs]
+    created = await _create(conn, new, now, policy, capacities) if new else {}
+    replayed = await _public_many(conn, originals.values()) if originals else {}
+    return [
+        Submitted(replayed[originals[spec.job_id]], False)
+        if spec.job_id in originals
+        else Submitted(created[spec.job_id], True)
+        for spec in specs
+    ]
 
 
 async def _replays(conn: AsyncConnection, specs: Sequence[JobSpec], hashes: Sequence[str]) -> dict[str, str]:
@@ -180,7 +185,9 @@ async def _create(
     now: datetime,
     policy: PolicyConfig,
     capacities: Sequence[Resources],
-) -> None:
+) -> dict[str, dict[str, Any]]:
+    """Store new jobs; returns each one's submission answer (SPEC §4), built from what
+    was written rather than read back, so a submit costs no extra round trips."""
     specs = [spec for spec, _ in new]
     for spec in specs:
         if not any(spec.resources.fits_in(capacity) for capacity in capacities):
@@ -211,6 +218,26 @@ async def _create(
         for s, row in zip(specs, rows, strict=True)
     ]
     await announce_changes(conn, changes, wake=True)
+    queued = [_Queued(row["job_id"], row["sort_key"]) for row in rows if row["status"] == JobStatus.READY.value]
+    positions = await _queue_positions(conn, queued)
+    return {
+        row["job_id"]: {
+            "job_id": row["job_id"],
+            "status": row["status"],
+            "created_at": iso_z(now),
+            "priority": row["priority"],
+            "position_in_queue": positions.get(row["job_id"]),
+        }
+        for row in rows
+    }
+
+
+@dataclass(frozen=True)
+class _Queued:
+    """A just-queued job's place in queue order, for its position."""
+
+    job_id: str
+    sort_key: float
 
 
 async def _lock_dependencies(

@@ -89,13 +89,15 @@ async def claim(
     waited for the lock has an earlier end than our starts, so attempt intervals
     on a node never appear to overlap beyond its capacity.
     """
+    if await is_paused(conn):  # checked before taking any lock: a paused queue costs one read
+        return []
     node = (
         await conn.execute(
             sa.text("SELECT cpu_capacity, memory_capacity, status FROM nodes WHERE node_id = :node FOR UPDATE"),
             {"node": node_id},
         )
     ).one_or_none()
-    if node is None or node.status != "active" or await is_paused(conn):
+    if node is None or node.status != "active":
         return []
     now = clock()
     rows = (

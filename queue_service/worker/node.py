@@ -181,6 +181,8 @@ class WorkerNode:
             self._wake.clear()
             if self._stopping:
                 return
+            if self._full():  # an ending attempt wakes us; claiming now could start nothing
+                continue
             started = time.monotonic()
             try:
                 async with self.engine.begin() as conn:
@@ -196,6 +198,12 @@ class WorkerNode:
                 task = asyncio.create_task(self._run(claim), name=f"{claim.job_id}#{claim.attempt}")
                 self.running[claim.job_id] = RunningAttempt(claim, task)
 
+    def _full(self) -> bool:
+        """No job can fit: every job needs at least one CPU unit and one MB (SPEC §3)."""
+        cpu = sum(a.claim.resources.cpu_units for a in self.running.values())
+        memory = sum(a.claim.resources.memory_mb for a in self.running.values())
+        return cpu >= self.capacity.cpu_units or memory >= self.capacity.memory_mb
+
     async def _run(self, claim: Claim) -> None:
         context = JobContext(
             claim.job_id, claim.type, claim.priority, claim.payload, claim.attempt, claim.timeout_seconds
@@ -210,6 +218,7 @@ class WorkerNode:
                 end = AttemptEnd(AttemptOutcome.INTERRUPTED, "interrupted by shutdown")
             else:  # cancelled or lease lost: whoever took it away already recorded the end
                 self.running.pop(claim.job_id, None)
+                self._wake.set()  # its resources are free again
                 return
         self.running[claim.job_id].recording = True
         self._notify("attempt_ended", self.node_id, claim, end, time.monotonic() - started)

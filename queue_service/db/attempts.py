@@ -48,7 +48,7 @@ class Claim:
     timeout_seconds: float
     resources: Resources
     backfilled: bool
-
+    ready_at: datetime  # when it entered the queue this time: its wait ends now
 
 async def is_paused(conn: AsyncConnection) -> bool:
     return bool((await conn.execute(sa.text("SELECT paused FROM dispatch_control"))).scalar_one_or_none())
@@ -132,7 +132,8 @@ async def _start(
                                 lease_token = t.token, lease_expires_at = :lease_until, updated_at = :now
                 FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS uuid[])) AS t(job_id, token)
                 WHERE jobs.job_id = t.job_id
-                RETURNING jobs.job_id, type, priority, payload, attempts, timeout_seconds, cpu_units, memory_mb
+                RETURNING jobs.job_id, type, priority, payload, attempts, timeout_seconds, cpu_units, memory_mb,
+                          ready_at
                 """
             ),
             {
@@ -186,6 +187,7 @@ async def _start(
                 row.timeout_seconds,
                 start.resources,
                 start.backfilled,
+                row.ready_at,
             )
         )
     await write_log(conn, entries)

@@ -1,0 +1,162 @@
+"""Read-only queries for metrics and the admin dashboard, each cheap at a million jobs.
+
+Queue depth reads the `queue_counters` deltas (a few rows per key once folded),
+never the jobs table; nodes are a handful of rows; running jobs come from the
+partial running index; a job's neighbourhood walks the dependency indexes with
+a depth and a row limit. `fold_queue_counters` is the periodic folding the
+counters table needs so that depth stays a small read (see tables.queue_counters).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+# Any stable 64-bit number: the advisory lock that makes one process fold at a time.
+FOLD_LOCK_KEY: Final = 0x7461736B_666F6C64  # "taskfold"
+FOLD_THRESHOLD_ROWS: Final = 256  # below this, folding is not worth a write
+RUNNING_LIMIT: Final = 500  # running jobs shown on the dashboard; capacity bounds it in practice anyway
+NEIGHBOURHOOD_DEPTH: Final = 3  # generations drawn above and below a job
+NEIGHBOURHOOD_LIMIT: Final = 60  # jobs drawn in all: a graph larger than this is unreadable anyway
+
+
+@dataclass(frozen=True)
+class Depth:
+    status: str
+    priority: str
+    jobs: int
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    node_id: str
+    status: str
+    cpu_capacity: int
+    cpu_used: int
+    memory_capacity: int
+    memory_used: int
+    heartbeat_at: datetime
+
+
+async def queue_depth(conn: AsyncConnection) -> tuple[list[Depth], int]:
+    """Jobs per (status, priority) from the counters, and how many counter rows that read."""
+    rows = await conn.execute(
+        sa.text(
+            "SELECT status, priority, sum(delta) AS jobs, count(*) AS rows FROM queue_counters "
+            "GROUP BY status, priority ORDER BY status, priority"
+        )
+    )
+    depths, read = [], 0
+    for r in rows:
+        read += r.rows
+        if r.jobs:
+            depths.append(Depth(r.status, r.priority, int(r.jobs)))
+    return depths, read
+
+
+async def fold_queue_counters(conn: AsyncConnection) -> bool:
+    """Fold the counter deltas to one row per key, if no other process is doing it and
+    there are enough rows to be worth it; True if this call folded."""
+    locked = (await conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": FOLD_LOCK_KEY})).scalar()
+    if not locked:
+        return False
+    # Counting at most threshold+1 rows keeps the check itself cheap on a long table.
+    rows = (
+        await conn.execute(
+            sa.text("SELECT count(*) FROM (SELECT 1 FROM queue_counters LIMIT :limit) AS sample"),
+            {"limit": FOLD_THRESHOLD_ROWS + 1},
+        )
+    ).scalar_one()
+    if rows <= FOLD_THRESHOLD_ROWS:
+        return False
+    await conn.execute(sa.text("SELECT queue_counters_compact()"))
+    return True
+
+
+async def live_nodes(conn: AsyncConnection) -> list[NodeUsage]:
+    """Active and draining nodes, with capacity and use (stopped ones are history)."""
+    rows = await conn.execute(
+        sa.text(
+            "SELECT node_id, status, cpu_capacity, cpu_used, memory_capacity, memory_used, heartbeat_at "
+            "FROM nodes WHERE status IN ('active', 'draining') ORDER BY node_id"
+        )
+    )
+    return [NodeUsage(**r._mapping) for r in rows]
+
+
+async def running_jobs(conn: AsyncConnection) -> list[dict[str, Any]]:
+    """Running jobs by node, oldest first (the partial running index: a few rows)."""
+    rows = await conn.execute(
+        sa.text(
+            "SELECT job_id, type, priority, worker_id, attempts, cpu_units, memory_mb, started_at, timeout_seconds "
+            "FROM jobs WHERE status = 'running' ORDER BY worker_id, started_at, job_id LIMIT :limit"
+        ),
+        {"limit": RUNNING_LIMIT},
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def attempts_of(conn: AsyncConnection, job_id: str) -> list[dict[str, Any]]:
+    rows = await conn.execute(
+        sa.text(
+            "SELECT attempt, node_id, started_at, ended_at, outcome, error FROM job_attempts "
+            "WHERE job_id = :id ORDER BY attempt"
+        ),
+        {"id": job_id},
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def neighbourhood(conn: AsyncConnection, job_id: str) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """The job's ancestors and descendants up to NEIGHBOURHOOD_DEPTH generations, at
+    most NEIGHBOURHOOD_LIMIT jobs (nearest first), with their statuses; and the
+    dependency edges among them as (job, depends_on) pairs. `depth` is negative
+    for ancestors, positive for descendants, 0 for the job itself."""
+    rows = await conn.execute(
+        sa.text(
+            """
+            WITH RECURSIVE up(job_id, depth) AS (
+                SELECT CAST(:id AS text), 0
+                UNION
+                SELECT d.depends_on_job_id, up.depth - 1 FROM job_dependencies d JOIN up ON d.job_id = up.job_id
+                WHERE up.depth > -CAST(:generations AS integer)
+            ), down(job_id, depth) AS (
+                SELECT CAST(:id AS text), 0
+                UNION
+                SELECT d.job_id, down.depth + 1 FROM job_dependencies d JOIN down ON d.depends_on_job_id = down.job_id
+                WHERE down.depth < CAST(:generations AS integer)
+            ), near AS (
+                SELECT job_id, min(depth) AS depth FROM (SELECT * FROM (SELECT * FROM up LIMIT :limit) AS u
+                    UNION ALL SELECT * FROM (SELECT * FROM down LIMIT :limit) AS d) AS both_ways
+                GROUP BY job_id
+            )
+            SELECT j.job_id, j.type, j.priority, j.status, near.depth
+            FROM near JOIN jobs j ON j.job_id = near.job_id
+            ORDER BY abs(near.depth), j.job_id LIMIT :limit
+            """
+        ),
+        {"id": job_id, "generations": NEIGHBOURHOOD_DEPTH, "limit": NEIGHBOURHOOD_LIMIT},
+    )
+    nodes = [dict(r._mapping) for r in rows]
+    ids = [n["job_id"] for n in nodes]
+    edges = await conn.execute(
+        sa.text(
+            "SELECT job_id, depends_on_job_id FROM job_dependencies "
+            "WHERE job_id = ANY(CAST(:ids AS text[])) AND depends_on_job_id = ANY(CAST(:ids AS text[])) "
+            "ORDER BY job_id, depends_on_job_id"
+        ),
+        {"ids": ids},
+    )
+    return nodes, [(e.job_id, e.depends_on_job_id) for e in edges]
+
+
+async def statuses_of(conn: AsyncConnection, job_ids: Sequence[str]) -> dict[str, str]:
+    rows = await conn.execute(
+        sa.text("SELECT job_id, status FROM jobs WHERE job_id = ANY(CAST(:ids AS text[]))"), {"ids": list(job_ids)}
+    )
+    return {r.job_id: r.status for r in rows}

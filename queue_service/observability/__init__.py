@@ -1,0 +1,1 @@
+"""What operators see: metrics, the event fan-out to WebSocket clients, and why a job waits."""

@@ -1,0 +1,133 @@
+"""Smart Task Queue measured in-process, through the code the API itself calls.
+
+Enqueue is `queue_service.db.jobs.submit` in one transaction per call, exactly as
+`POST /jobs` and `POST /jobs/batch` do (body parsing and request hash from
+`queue_service.api.submission`, no HTTP); drain and latency run one
+`WorkerNode` in this process with a `noop` handler that returns at once, with
+the node's default capacity, resource accounting, DAG bookkeeping and job logs.
+The API's Prometheus observer is not attached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from loadtest.peers import (
+    BATCH_SIZE,
+    DRAIN_TIMEOUT_SECONDS,
+    Counter,
+    RunResult,
+    StartStamps,
+    rate,
+    sample_latencies,
+    timed,
+)
+from queue_service.api.submission import parse_one
+from queue_service.core.model import Resources
+from queue_service.db import jobs, migrate
+from queue_service.db.engine import create_engine
+from queue_service.db.listener import EventListener
+from queue_service.settings import Settings
+from queue_service.worker.handlers import HandlerRegistry, JobContext
+from queue_service.worker.node import WorkerNode
+
+JOB_TYPE: Final = "noop"
+DONE_POLL_SECONDS: Final = 0.01
+
+
+class Ours:
+    name = "ours"
+
+    async def measure(self, database_url: str, jobs_count: int, samples: int) -> RunResult:
+        await migrate.upgrade(database_url)
+        settings = Settings(database_url=database_url)
+        engine = create_engine(settings, application_name="bench-ours")
+        try:
+            return await _measure(engine, settings, database_url, jobs_count, samples)
+        finally:
+            await engine.dispose()
+
+
+async def _submit(
+    engine: AsyncEngine, settings: Settings, capacities: Sequence[Resources], documents: list[dict[str, Any]]
+) -> None:
+    """One request's worth of jobs, parsed and submitted in one unit of work, as the API does."""
+    pairs = [parse_one(document) for document in documents]
+    async with engine.begin() as conn:
+        await jobs.submit(
+            conn,
+            [spec for spec, _ in pairs],
+            [digest for _, digest in pairs],
+            datetime.now(UTC),
+            settings.policy_config(),
+            capacities,
+        )
+
+
+async def _measure(engine: AsyncEngine, settings: Settings, database_url: str, count: int, samples: int) -> RunResult:
+    result = RunResult()
+    # The API reads live capacities through a one-second cache; with no node yet, the default.
+    async with engine.begin() as conn:
+        capacities = await jobs.live_capacities(conn) or [settings.node_capacity()]
+    one = {"type": JOB_TYPE}
+
+    async def one_by_one() -> None:
+        for _ in range(count):
+            await _submit(engine, settings, capacities, [one])
+
+    result.enqueue_one_per_s = rate(count, await timed(one_by_one))
+
+    counter = Counter()
+    stamps = StartStamps()
+    latency_mode = False
+
+    async def noop(_job: JobContext) -> None:
+        if latency_mode:
+            stamps.stamp()
+        else:
+            counter.hit()
+
+    registry = HandlerRegistry()
+    registry.register(JOB_TYPE, noop)
+    listener = EventListener(database_url)
+    await listener.start()
+    node = WorkerNode(engine, settings, listener, registry=registry, node_id="bench-ours")
+    try:
+        counter.expect(count)
+        started = time.perf_counter()
+        await node.start()
+        await asyncio.wait_for(_all_completed(engine, counter), timeout=DRAIN_TIMEOUT_SECONDS)
+        result.drain_per_s = rate(count, time.perf_counter() - started)
+
+        latency_mode = True
+        result.latencies_ms = await sample_latencies(
+            lambda _index: _submit(engine, settings, capacities, [one]), stamps.next, samples
+        )
+    finally:
+        await node.stop(grace_seconds=5)
+        await listener.stop()
+
+    async def batches() -> None:
+        for start in range(0, count, BATCH_SIZE):
+            await _submit(engine, settings, capacities, [one] * min(BATCH_SIZE, count - start))
+
+    result.enqueue_batch_per_s = rate(count, await timed(batches))
+    return result
+
+
+async def _all_completed(engine: AsyncEngine, counter: Counter) -> None:
+    """Every handler has run, then every completion is written."""
+    await counter.reached.wait()
+    while True:
+        async with engine.connect() as conn:
+            left = (await conn.execute(sa.text("SELECT count(*) FROM jobs WHERE status <> 'completed'"))).scalar_one()
+        if left == 0:
+            return
+        await asyncio.sleep(DONE_POLL_SECONDS)

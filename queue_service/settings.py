@@ -9,6 +9,7 @@ CLI flags override the environment by being passed as keyword arguments.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 from pathlib import Path
@@ -34,6 +35,17 @@ DEFAULT_POLL_INTERVAL_SECONDS: Final = 1.0  # fallback when a NOTIFY is missed
 HEARTBEATS_PER_LEASE: Final = 3  # a lease survives two lost heartbeats
 DEFAULT_DB_POOL_SIZE: Final = 10
 DEFAULT_DB_MAX_OVERFLOW: Final = 10
+DEFAULT_LEADER_INTERVAL_SECONDS: Final = 1.0  # the leader's tick (cron resolution) and a standby's retry (fail-over)
+DEFAULT_STREAM_BUFFER: Final = 1000  # events queued for one WebSocket client before it is dropped as too slow
+DEFAULT_STREAM_HEARTBEAT_SECONDS: Final = 15.0  # below common proxy idle timeouts (30-60 s)
+API_KEY_DIGEST_BYTES: Final = hashlib.sha256().digest_size
+
+
+def api_key_digest(key: str) -> bytes:
+    """The SHA-256 of an API key: all the service keeps of a configured key, and
+    what a presented one is turned into before the constant-time comparison.
+    Any text hashes, even a lone surrogate a client sent: a bad key is a 401, never a 500."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 def default_node_id() -> str:
@@ -88,6 +100,11 @@ class Settings(BaseSettings):
     heartbeat_seconds: float | None = Field(default=None, gt=0, description="lease renewal interval; lease/3 if unset")
     shutdown_grace_seconds: float = Field(default=DEFAULT_SHUTDOWN_GRACE_SECONDS, ge=0)
     poll_interval_seconds: float = Field(default=DEFAULT_POLL_INTERVAL_SECONDS, gt=0)
+    leader_interval_seconds: float = Field(
+        default=DEFAULT_LEADER_INTERVAL_SECONDS,
+        gt=0,
+        description="how often the leader runs its duties, and a standby node tries to take over",
+    )
 
     headstart_critical_seconds: float = Field(default=c.DEFAULT_HEADSTART_SECONDS["critical"], ge=0)
     headstart_high_seconds: float = Field(default=c.DEFAULT_HEADSTART_SECONDS["high"], ge=0)
@@ -99,13 +116,18 @@ class Settings(BaseSettings):
     node_cpu_units: int = Field(default=c.DEFAULT_NODE_CPU_UNITS, ge=1)
     node_memory_mb: int = Field(default=c.DEFAULT_NODE_MEMORY_MB, ge=1)
 
-    api_keys: Annotated[tuple[str, ...], NoDecode] = Field(
-        default=(), description="comma-separated bearer tokens; empty leaves the API open"
+    # Held as SHA-256 digests only: a dump, repr or core file of the settings shows no key,
+    # and a presented key is hashed and compared digest to digest (api.deps.api_key_matches).
+    api_keys: Annotated[tuple[bytes, ...], NoDecode] = Field(
+        default=(), repr=False, description="comma-separated bearer tokens; empty leaves the API open"
     )
     strict_handlers: bool = False
 
     db_pool_size: int = Field(default=DEFAULT_DB_POOL_SIZE, ge=1)
     db_max_overflow: int = Field(default=DEFAULT_DB_MAX_OVERFLOW, ge=0)
+
+    stream_buffer: int = Field(default=DEFAULT_STREAM_BUFFER, ge=1, description="events per WebSocket client")
+    stream_heartbeat_seconds: float = Field(default=DEFAULT_STREAM_HEARTBEAT_SECONDS, gt=0)
 
     @field_validator("database_url", mode="before")
     @classmethod
@@ -117,9 +139,21 @@ class Settings(BaseSettings):
 
     @field_validator("api_keys", mode="before")
     @classmethod
-    def _split_api_keys(cls, value: object) -> object:
+    def _hash_api_keys(cls, value: object) -> object:
+        """Keys given as text ("k1,k2" or a sequence of str) become digests, once, here;
+        digests (bytes, as from a settings dump) are kept as they are."""
         if isinstance(value, str):
-            return tuple(key.strip() for key in value.split(",") if key.strip())
+            value = value.split(",")
+        if isinstance(value, list | tuple):
+            keys = (key.strip() if isinstance(key, str) else key for key in value)
+            return tuple(api_key_digest(key) if isinstance(key, str) else key for key in keys if key)
+        return value
+
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _only_digests(cls, value: tuple[bytes, ...]) -> tuple[bytes, ...]:
+        if any(len(digest) != API_KEY_DIGEST_BYTES for digest in value):
+            raise ValueError("api_keys: give keys as text; bytes are taken as SHA-256 digests")
         return value
 
     @model_validator(mode="after")

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from queue_service.api.errors import NotReady, Unauthorized
 from queue_service.runtime import Runtime
-from queue_service.settings import Settings
+from queue_service.settings import Settings, api_key_digest
 
 _bearer = HTTPBearer(auto_error=False, description="one of TASKQUEUE_API_KEYS, when set")
 
@@ -50,8 +50,20 @@ async def require_api_key(
         return
     if credentials is None:
         raise Unauthorized("missing bearer token: send Authorization: Bearer <key>")
-    offered = credentials.credentials.encode()
-    # compare_digest on every key, so the time taken says nothing about which one nearly matched.
-    matches = [hmac.compare_digest(offered, key.encode()) for key in settings.api_keys]
-    if not any(matches):
+    if not api_key_matches(settings, credentials.credentials):
         raise Unauthorized("the bearer token is not a valid API key")
+
+
+def api_key_matches(settings: Settings, offered: str) -> bool:
+    """Whether `offered` is one of the configured keys (the WebSocket's `?token=` uses it too).
+
+    Settings hold only the keys' SHA-256 digests; the offered key is hashed and
+    compared digest to digest, with `hmac.compare_digest` against every configured
+    key and no early exit, so neither the time taken nor the lengths compared say
+    which key nearly matched, or how long any key is.
+    """
+    digest = api_key_digest(offered)
+    matched = False
+    for key in settings.api_keys:
+        matched |= hmac.compare_digest(digest, key)
+    return matched

@@ -35,12 +35,17 @@ def find_cycle(depends_on: Mapping[str, Sequence[str]]) -> list[str] | None:
     graph.add_nodes_from(depends_on)
     for job_id, deps in depends_on.items():
         graph.add_edges_from((job_id, dep) for dep in deps)
-    try:
-        edges = nx.find_cycle(graph, source=list(depends_on))
-    except nx.NetworkXNoCycle:
+    if nx.is_directed_acyclic_graph(graph):  # linear; the common case stops here
         return None
-    members = [edge[0] for edge in edges]
     position = {job_id: i for i, job_id in enumerate(depends_on)}
+    # Search only inside one strongly connected component that holds a cycle: a search
+    # started from every node of a large acyclic batch would be quadratic.
+    # (Self-dependencies are refused before this, so a cycle spans two jobs or more.)
+    cyclic = [c for c in nx.strongly_connected_components(graph) if len(c) > 1]
+    component = min(cyclic, key=lambda c: min(position.get(j, len(position)) for j in c))
+    start = min(component, key=lambda j: position.get(j, len(position)))
+    edges = nx.find_cycle(graph.subgraph(component), source=start)
+    members = [edge[0] for edge in edges]
     first = min(range(len(members)), key=lambda i: position.get(members[i], len(position)))
     rotated = members[first:] + members[:first]
     return [*rotated, rotated[0]]

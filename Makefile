@@ -20,6 +20,10 @@ install: $(BIN)/python
 
 install-dev: $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[dev]'
+	@# The admin browser test drives Debian's chromium (it skips without it); installed as root where apt exists.
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -qq chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "chromium not installed: the admin browser test will skip"; fi
 
 lint:
 	$(BIN)/ruff check .

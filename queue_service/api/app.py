@@ -16,8 +16,9 @@ from fastapi import Depends, FastAPI
 
 from queue_service.api import errors
 from queue_service.api.deps import require_api_key
-from queue_service.api.routes import dead_letter, dispatch, health, jobs
+from queue_service.api.routes import admin, dead_letter, dispatch, health, jobs, metrics, schedules, stream
 from queue_service.api.schemas import REQUEST_BODY_MODELS
+from queue_service.observability.fanout import EventHub
 from queue_service.runtime import open_runtime
 from queue_service.settings import Settings
 
@@ -46,11 +47,16 @@ def create_app(settings: Settings, *, run_worker: bool) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with open_runtime(settings, run_worker=run_worker) as runtime:
+            hub = EventHub(runtime.listener, settings.stream_buffer)
+            runtime.metrics.stream_stats = lambda: (hub.client_count, hub.clients_dropped)
+            app.state.stream_hub = hub
             app.state.runtime = runtime
             try:
                 yield
             finally:
                 app.state.runtime = None  # /ready answers 503 while the rest shuts down
+                app.state.stream_hub = None
+                hub.close()  # stream clients are told the server is going away
 
     app = QueueAPI(
         title=TITLE,
@@ -60,10 +66,15 @@ def create_app(settings: Settings, *, run_worker: bool) -> FastAPI:
     )
     app.state.settings = settings
     app.state.runtime = None
+    app.state.stream_hub = None
     errors.install(app)
     app.include_router(health.router)
     protected = [Depends(require_api_key)]
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(dead_letter.router, dependencies=protected)
     app.include_router(dispatch.router, dependencies=protected)
+    app.include_router(schedules.router, dependencies=protected)
+    app.include_router(metrics.router, dependencies=protected)
+    app.include_router(stream.router)  # authenticates itself: a browser's WebSocket sends ?token=
+    admin.install(app, protected)  # the page shell is open (it holds no data); its data API is not
     return app

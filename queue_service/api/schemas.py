@@ -8,7 +8,7 @@ Responses are validated against the `*Public` models before they leave.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -81,6 +81,21 @@ class RetryConfig(BaseModel):
     jitter: float
 
 
+class OvertakePublic(BaseModel):
+    priority: Priority
+    at: Timestamp = Field(description="from this instant on, the job comes before newly ready jobs of `priority`")
+    in_seconds: float = Field(description="0 once it has happened")
+
+
+class AgingPublic(BaseModel):
+    """Aging (SPEC §5) for a ready job: its static queue key, and when it overtakes higher levels."""
+
+    sort_key: float = Field(description="epoch seconds of ready_at minus the priority's head start; smaller is first")
+    headstart_seconds: float
+    waited_seconds: float
+    overtakes: list[OvertakePublic] = Field(description="higher levels only, highest first")
+
+
 class JobPublic(BaseModel):
     """A job: what was submitted, and its state now."""
 
@@ -110,6 +125,12 @@ class JobPublic(BaseModel):
     result: Any
 
 
+class JobDetail(JobPublic):
+    """One job as GET /jobs/{id} returns it: with its aging while it is ready."""
+
+    aging: AgingPublic | None = Field(default=None, description="while ready: when it overtakes higher levels")
+
+
 class JobPage(BaseModel):
     items: list[JobPublic]
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
@@ -129,8 +150,97 @@ class JobLog(BaseModel):
     entries: list[LogEntryPublic] = Field(description="oldest first")
 
 
+class BulkRedrive(BaseModel):
+    """Which failed jobs `POST /dead-letter/retry` re-drives."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str | None = Field(default=None, min_length=1, max_length=c.JOB_TYPE_MAX_LENGTH)
+    failure_reasons: list[FailureReason] | None = Field(
+        default=None,
+        description="default: max_attempts_exhausted and permanent_error (dependency_failed jobs come back "
+        "with the ancestor that ended them)",
+    )
+    limit: int = Field(default=100, ge=1, le=1000, description="most recently failed first")
+
+
+class RedrivenJob(BaseModel):
+    job_id: str
+    status: JobStatus = Field(description="ready, or blocked while a dependency is not completed")
+    descendants: list[str] = Field(description="dependency_failed descendants back in blocked")
+
+
+class SkippedJob(BaseModel):
+    job_id: str
+    reason: str
+
+
+class BulkRedriveResult(BaseModel):
+    redriven: list[RedrivenJob]
+    skipped: list[SkippedJob]
+
+
+class PolicyPublic(BaseModel):
+    """The scheduling policy's knobs (SPEC §5), as this process is configured."""
+
+    headstart_seconds: dict[Priority, float] = Field(
+        description="queue order is ready_at minus this; a job overtakes newer jobs of a level whose head start "
+        "exceeds its own by less than it has waited"
+    )
+    candidate_window: int = Field(description="ready jobs considered per dispatch (K)")
+    backfill: bool = Field(description="EASY backfill past a reserved head job")
+
+
 class DispatchState(BaseModel):
     paused: bool
+    policy: PolicyPublic | None = None
+
+
+Misfire = Literal["skip", "run_once"]
+
+
+class ScheduleCreate(BaseModel):
+    """A cron schedule. The expression is read in `timezone`; each fire creates the
+    job `job_template` describes, with id `cron:<name>:<fire time, UTC>`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, examples=["nightly-report"])
+    cron: str = Field(min_length=1, max_length=200, examples=["0 2 * * *"], description="5 fields, or 6 (seconds last)")
+    job_template: dict[str, Any] = Field(description="a job as POST /jobs takes it, without job_id or depends_on")
+    timezone: str = Field(default="UTC", min_length=1, max_length=64, examples=["Europe/Paris"])
+    enabled: bool = True
+    misfire: Misfire = Field(
+        default="skip", description="fires missed while the service was down: skip them, or run once for them all"
+    )
+
+
+class ScheduleUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    cron: str | None = Field(default=None, min_length=1, max_length=200)
+    job_template: dict[str, Any] | None = None
+    timezone: str | None = Field(default=None, min_length=1, max_length=64)
+    enabled: bool | None = None
+    misfire: Misfire | None = None
+
+
+class SchedulePublic(BaseModel):
+    name: str
+    cron: str
+    timezone: str
+    job_template: dict[str, Any]
+    enabled: bool
+    misfire: Misfire
+    next_fire_at: Timestamp | None = Field(description="the earliest fire not yet made")
+    last_fired_at: Timestamp | None
+    next_fire_times: list[Timestamp] = Field(description="the next few fire times; empty while disabled")
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class SchedulePage(BaseModel):
+    items: list[SchedulePublic]
 
 
 class Health(BaseModel):

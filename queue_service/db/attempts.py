@@ -50,6 +50,7 @@ class Claim:
     backfilled: bool
     ready_at: datetime  # when it entered the queue this time: its wait ends now
 
+
 async def is_paused(conn: AsyncConnection) -> bool:
     return bool((await conn.execute(sa.text("SELECT paused FROM dispatch_control"))).scalar_one_or_none())
 

@@ -551,3 +551,21 @@ def _public(row: Any, depends_on: list[str], blocked_by: list[str], position: in
         "cancel_reason": row.cancel_reason,
         "result": row.result,
     }
+
+
+async def dead_letter_filtered(
+    conn: AsyncConnection,
+    *,
+    job_type: str | None = None,
+    failure_reason: str | None = None,
+    limit: int,
+    cursor: str | None = None,
+) -> Page:
+    """The dead-letter queue narrowed by type and failure reason, most recently failed
+    first; still a range scan of the partial dead-letter index, filtered as it goes."""
+    query = sa.select(*_PUBLIC_COLUMNS).where(_jobs.c.status == JobStatus.FAILED.value)
+    if job_type is not None:
+        query = query.where(_jobs.c.type == job_type)
+    if failure_reason is not None:
+        query = query.where(_jobs.c.failure_reason == failure_reason)
+    return await _keyset_page(conn, query, (_jobs.c.finished_at, _jobs.c.job_id), "finished_at", limit, cursor)

@@ -262,15 +262,3 @@ async def read_snapshot(engine: AsyncEngine, timeout: float = SNAPSHOT_TIMEOUT_S
         log.warning("metrics could not read the database: %s", error)
         return QueueSnapshot(up=False, read_seconds=time.perf_counter() - started)
     return QueueSnapshot(True, depths, rows, nodes, paused, time.perf_counter() - started)
-
-
-async def fold_counters_periodically(engine: AsyncEngine, interval: float = FOLD_INTERVAL_SECONDS) -> None:
-    """Keep `queue_counters` short, so depth stays a read of a few rows; every process
-    runs this, and an advisory lock lets one fold at a time."""
-    while True:
-        await asyncio.sleep(interval)
-        try:
-            async with engine.begin() as conn:
-                await insight.fold_queue_counters(conn)
-        except Exception:
-            log.exception("folding queue counters failed; trying again in %ss", interval)

@@ -1,6 +1,6 @@
 """A worker node (SPEC §6, §11): registers its capacity, claims what `core.plan()`
 chooses, runs handlers as asyncio tasks under their timeouts, renews leases,
-wakes retries, recovers dead nodes' attempts, and shuts down gracefully.
+wakes retries, and shuts down gracefully (the leader recovers dead nodes' attempts).
 
 Dispatch wakes on LISTEN/NOTIFY (new ready work, freed resources, resume) and
 falls back to polling every `poll_interval_seconds` if a notification is missed.
@@ -87,7 +87,6 @@ class WorkerNode:
             ("recorder", self._recorder_loop),
             ("heartbeat", self._heartbeat_loop),
             ("retries", self._retry_loop),
-            ("reaper", self._reaper_loop),
         ):
             self._loops.append(asyncio.create_task(loop(), name=f"{self.node_id}:{name}"))
         self._wake.set()
@@ -313,14 +312,3 @@ class WorkerNode:
                 wait = min(wait, max(0.0, (due - self.clock()).total_seconds()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._retry_wake.wait(), timeout=wait)
-
-    async def _reaper_loop(self) -> None:
-        while True:
-            await asyncio.sleep(min(self.settings.lease_seconds / 2, 5.0))
-            try:
-                async with self.engine.begin() as conn:
-                    recovered = await attempts.reap_expired_leases(conn, self.clock(), self.policy)
-                if recovered:
-                    log.warning("recovered attempts of lost workers: %s", ", ".join(recovered))
-            except Exception:
-                log.exception("lease reaper failed")

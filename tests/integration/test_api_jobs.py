@@ -107,6 +107,7 @@ async def test_get_job_returns_every_field_of_the_job_model(api: Api) -> None:
         "failure_reason": None,
         "cancel_reason": None,
         "result": None,
+        "aging": None,  # only a ready job has it
         **{name: None for name in timestamps - {"created_at", "updated_at"}},
     }
 

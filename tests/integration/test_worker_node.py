@@ -21,6 +21,7 @@ from queue_service.db.attempts import AttemptEnd
 from queue_service.db.engine import create_engine
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings
+from queue_service.worker.leader import Leader
 from queue_service.worker.node import WorkerNode
 
 pytestmark = pytest.mark.integration
@@ -166,7 +167,9 @@ async def test_cancel_stops_a_running_attempt_within_a_second(engine: AsyncEngin
     assert outcome == "cancelled"
 
 
-async def test_a_dead_workers_attempt_is_recovered_after_its_lease(engine: AsyncEngine, nodes: NodeFactory) -> None:
+async def test_a_dead_workers_attempt_is_recovered_after_its_lease(
+    engine: AsyncEngine, nodes: NodeFactory, migrated_url: str
+) -> None:
     """A node that vanished mid-attempt: its lease lapses, the attempt counts as
     worker_lost, its resources are freed and another node retries the job."""
     expired = datetime.now(UTC) - timedelta(seconds=1)
@@ -194,7 +197,12 @@ async def test_a_dead_workers_attempt_is_recovered_after_its_lease(engine: Async
             {"t": expired, "token": token},
         )
     await nodes("node-d", lease_seconds=1.0)
-    await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'orphan'", "completed")
+    leader = Leader(engine, migrated_url, _settings(migrated_url, lease_seconds=1.0), "node-d")
+    await leader.start()  # the reaper is a leader duty
+    try:
+        await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'orphan'", "completed")
+    finally:
+        await leader.stop()
     async with engine.connect() as conn:
         outcomes = (
             await conn.execute(

@@ -14,12 +14,15 @@ from sqlalchemy.exc import DBAPIError
 
 from queue_service.api import submission
 from queue_service.api.deps import RuntimeDep
-from queue_service.api.schemas import BatchAccepted, JobAccepted, JobLog, JobPage, JobPublic, Problem
+from queue_service.api.schemas import BatchAccepted, JobAccepted, JobDetail, JobLog, JobPage, JobPublic, Problem
 from queue_service.core import constants as c
+from queue_service.core.aging import aging
 from queue_service.core.model import JobSpec, JobStatus, Priority
+from queue_service.core.policy import PolicyConfig
 from queue_service.core.validation import is_valid_job_id
 from queue_service.db import attempts, jobs
 from queue_service.db.engine import is_retryable
+from queue_service.db.events import iso_z
 from queue_service.runtime import Runtime
 
 DEFAULT_PAGE_SIZE: Final = 50
@@ -54,7 +57,7 @@ async def _submit(runtime: Runtime, specs: list[JobSpec], hashes: list[str]) -> 
         try:
             async with runtime.engine.begin() as conn:
                 # With no live node, the configured node size is the yardstick (SPEC §3).
-                capacities = await jobs.live_capacities(conn) or [settings.node_capacity()]
+                capacities = await runtime.capacities.get(conn) or [settings.node_capacity()]
                 return await jobs.submit(conn, specs, hashes, _now(), settings.policy_config(), capacities)
         except DBAPIError as error:
             # A deadlock with a completing dependency (we share-lock a parent and its child
@@ -138,10 +141,31 @@ def _aware(at: datetime | None) -> datetime | None:
     return at.replace(tzinfo=UTC) if at is not None and at.tzinfo is None else at
 
 
-@router.get("/{job_id}", response_model=JobPublic, summary="Get a job", responses=_NOT_FOUND)
+@router.get("/{job_id}", response_model=JobDetail, summary="Get a job", responses=_NOT_FOUND)
 async def get_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
     async with runtime.engine.begin() as conn:
-        return await jobs.get_job(conn, job_id)
+        job = await jobs.get_job(conn, job_id)
+    return with_aging(job, runtime.settings.policy_config(), _now())
+
+
+def with_aging(job: dict[str, Any], policy: PolicyConfig, now: datetime) -> dict[str, Any]:
+    """A ready job with its aging (SPEC §5) spelled out: when it overtakes newer jobs of higher levels."""
+    if job["status"] != JobStatus.READY.value or job["ready_at"] is None:
+        return job | {"aging": None}
+    ready_at = datetime.fromisoformat(job["ready_at"]).timestamp()
+    state = aging(Priority(job["priority"]), ready_at, now.timestamp(), policy)
+    overtakes = [
+        {"priority": o.priority.value, "at": iso_z(datetime.fromtimestamp(o.at, UTC)), "in_seconds": o.in_seconds}
+        for o in state.overtakes
+    ]
+    return job | {
+        "aging": {
+            "sort_key": state.sort_key,
+            "headstart_seconds": state.headstart_seconds,
+            "waited_seconds": state.waited_seconds,
+            "overtakes": overtakes,
+        }
+    }
 
 
 @router.patch(

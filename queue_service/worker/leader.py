@@ -1,0 +1,181 @@
+"""Single-leader duties (SPEC §10, §11): one process among all worker nodes runs
+the lease reaper, cron firing and queue-counter compaction.
+
+Leadership is a PostgreSQL session advisory lock held on a connection of its own
+(not a pooled one, which would hand the lock to whoever borrows it next). Every
+worker process runs a `Leader`; the one whose `pg_try_advisory_lock` succeeds
+leads, the others retry every `leader_interval_seconds`. The lock belongs to the
+session, so it goes when the leader does: a clean stop closes the connection, a
+killed process's socket is closed by its kernel, and a vanished host is found out
+by the TCP keepalives set below. A standby then takes over at its next try.
+
+The duties do not rely on the lock for correctness, only for economy: each is
+safe if two processes ever overlap (the old leader finishing a tick while its
+lost connection is noticed). The reaper locks rows with SKIP LOCKED and ends
+attempts fenced; firing locks schedule rows and cron job ids are primary keys;
+compaction takes its own transaction lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Final
+
+import asyncpg
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from queue_service.db import attempts, insight, jobs, schedules
+from queue_service.db.engine import asyncpg_dsn
+from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
+from queue_service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], datetime]
+LEADER_LOCK_KEY: Final = 0x7461736B_6C656164  # "tasklead": any stable 64-bit number
+LEADER_APPLICATION_PREFIX: Final = "taskqueue-leader:"  # pg_stat_activity shows who leads
+MAX_REAPER_INTERVAL_SECONDS: Final = 5.0
+CONNECT_TIMEOUT_SECONDS: Final = 10.0
+# A leader whose host vanishes without closing its socket loses the lock after
+# about idle + interval × count seconds (TCP only; a Unix socket closes with the process).
+KEEPALIVES: Final = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _Duty:
+    name: str
+    interval: float
+    run: Callable[[AsyncConnection, datetime], Awaitable[None]]
+    last_run: float = float("-inf")
+
+
+@dataclass
+class Leader:
+    """A candidate for leadership; `start()` runs it in the background until `stop()`."""
+
+    engine: AsyncEngine
+    database_url: str
+    settings: Settings
+    node_id: str
+    clock: Clock = utc_now
+    terms: int = 0  # how many times this candidate became leader
+    leading: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self._task: asyncio.Task[None] | None = None
+        self._connection: asyncpg.Connection | None = None
+        self.policy = self.settings.policy_config()
+        reaper_interval = min(self.settings.lease_seconds / 2, MAX_REAPER_INTERVAL_SECONDS)
+        self.duties = [
+            _Duty("lease reaper", reaper_interval, self._reap),
+            _Duty("cron", self.settings.leader_interval_seconds, self._fire_schedules),
+            _Duty("counter compaction", FOLD_INTERVAL_SECONDS, self._compact),
+        ]
+
+    @property
+    def is_leader(self) -> bool:
+        return self.leading.is_set()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"{self.node_id}:leader")
+
+    async def stop(self) -> None:
+        """Stop leading or waiting; closing the connection releases the lock at once."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def drop_connection(self) -> None:
+        """Lose the lock connection abruptly, as a crash would (for fail-over tests)."""
+        if self._connection is not None:
+            self._connection.terminate()
+
+    # ------------------------------------------------------------------ election
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self._campaign()
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                log.warning("leader candidate %s lost its connection: %s", self.node_id, error)
+            except Exception:  # a candidate must never die quietly: stand again after a pause
+                log.exception("leader candidate %s failed", self.node_id)
+            finally:
+                if self.leading.is_set():
+                    log.warning("node %s is no longer the leader", self.node_id)
+                self.leading.clear()
+                await self._close()
+            await asyncio.sleep(self.settings.leader_interval_seconds)
+
+    async def _campaign(self) -> None:
+        self._connection = connection = await asyncpg.connect(
+            asyncpg_dsn(self.database_url),
+            timeout=CONNECT_TIMEOUT_SECONDS,
+            server_settings={"application_name": LEADER_APPLICATION_PREFIX + self.node_id[:40], **KEEPALIVES},
+        )
+        lost = asyncio.Event()
+        connection.add_termination_listener(lambda _connection: lost.set())
+        while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY):
+            await self._wait(lost, self.settings.leader_interval_seconds)
+        self.terms += 1
+        self.leading.set()
+        log.info("node %s is the leader (term %d)", self.node_id, self.terms)
+        while True:
+            await self._run_due_duties()
+            # A round trip on the lock's own connection: if it is gone, so is the lock.
+            await asyncio.wait_for(connection.fetchval("SELECT 1"), timeout=CONNECT_TIMEOUT_SECONDS)
+            await self._wait(lost, self.settings.leader_interval_seconds)
+
+    @staticmethod
+    async def _wait(lost: asyncio.Event, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(lost.wait(), timeout=seconds)
+        if lost.is_set():
+            raise ConnectionError("the leader lock's connection closed")
+
+    async def _close(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None and not connection.is_closed():
+            with contextlib.suppress(Exception):  # it may be half dead already; the lock goes with it either way
+                await asyncio.wait_for(connection.close(), timeout=CONNECT_TIMEOUT_SECONDS)
+            if not connection.is_closed():
+                connection.terminate()
+
+    # -------------------------------------------------------------------- duties
+    async def _run_due_duties(self) -> None:
+        for duty in self.duties:
+            if time.monotonic() - duty.last_run < duty.interval:
+                continue
+            duty.last_run = time.monotonic()
+            try:
+                async with self.engine.begin() as conn:
+                    await duty.run(conn, self.clock())
+            except Exception:  # one failing duty must not stop the others, nor end leadership
+                log.exception("leader duty %s failed; trying again next time", duty.name)
+
+    async def _reap(self, conn: AsyncConnection, now: datetime) -> None:
+        recovered = await attempts.reap_expired_leases(conn, now, self.policy)
+        if recovered:
+            log.warning("recovered attempts of lost workers: %s", ", ".join(recovered))
+
+    async def _fire_schedules(self, conn: AsyncConnection, now: datetime) -> None:
+        capacities = await jobs.live_capacities(conn) or [self.settings.node_capacity()]
+        fired = await schedules.fire_due(conn, now, self.policy, capacities)
+        if fired.created:
+            log.info("cron created %s", ", ".join(fired.created))
+        for name, why in fired.failed:
+            log.warning("schedule %s could not fire: %s", name, why)
+
+    async def _compact(self, conn: AsyncConnection, now: datetime) -> None:
+        await insight.fold_queue_counters(conn)  # SELECT queue_counters_compact(), when worth it

@@ -40,8 +40,7 @@ def find_cycle(depends_on: Mapping[str, Sequence[str]]) -> list[str] | None:
     position = {job_id: i for i, job_id in enumerate(depends_on)}
     # Search only inside one strongly connected component that holds a cycle: a search
     # started from every node of a large acyclic batch would be quadratic.
-    # (Self-dependencies are refused before this, so a cycle spans two jobs or more.)
-    cyclic = [c for c in nx.strongly_connected_components(graph) if len(c) > 1]
+    cyclic = [c for c in nx.strongly_connected_components(graph) if len(c) > 1 or _loops_on_itself(graph, c)]
     component = min(cyclic, key=lambda c: min(position.get(j, len(position)) for j in c))
     start = min(component, key=lambda j: position.get(j, len(position)))
     edges = nx.find_cycle(graph.subgraph(component), source=start)
@@ -49,6 +48,11 @@ def find_cycle(depends_on: Mapping[str, Sequence[str]]) -> list[str] | None:
     first = min(range(len(members)), key=lambda i: position.get(members[i], len(position)))
     rotated = members[first:] + members[:first]
     return [*rotated, rotated[0]]
+
+
+def _loops_on_itself(graph: nx.DiGraph[str], component: set[str]) -> bool:
+    (job_id,) = component
+    return bool(graph.has_edge(job_id, job_id))
 
 
 def check_acyclic(depends_on: Mapping[str, Sequence[str]]) -> None:

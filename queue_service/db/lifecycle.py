@@ -120,11 +120,9 @@ async def unblock_dependants(
     return await make_ready(conn, freed, now, policy, event="ready", message="every dependency completed")
 
 
-async def propagate_end(
-    conn: AsyncConnection, ancestor_id: str, ancestor_status: JobStatus, now: datetime
-) -> list[StatusChange]:
-    """End every still-waiting descendant of a failed or cancelled job, as core says:
-    failed with dependency_failed, or cancelled with dependency_cancelled."""
+async def descendants(conn: AsyncConnection, root: str) -> list[str]:
+    """Every job that transitively depends on `root`, in core's order (breadth first,
+    ties by id), found through the dependency index by one recursive query."""
     edges = (
         await conn.execute(
             sa.text(
@@ -138,15 +136,23 @@ async def propagate_end(
                 SELECT job_id, parent FROM below
                 """
             ),
-            {"root": ancestor_id},
+            {"root": root},
         )
     ).all()
-    if not edges:
-        return []
     children: dict[str, list[str]] = defaultdict(list)
     for edge in edges:
         children[edge.parent].append(edge.job_id)
-    order = dag.descendants_in_order(ancestor_id, lambda job_id: children.get(job_id, ()))
+    return dag.descendants_in_order(root, lambda job_id: children.get(job_id, ()))
+
+
+async def propagate_end(
+    conn: AsyncConnection, ancestor_id: str, ancestor_status: JobStatus, now: datetime
+) -> list[StatusChange]:
+    """End every still-waiting descendant of a failed or cancelled job, as core says:
+    failed with dependency_failed, or cancelled with dependency_cancelled."""
+    order = await descendants(conn, ancestor_id)
+    if not order:
+        return []
     rows = (
         await conn.execute(
             sa.text(f"SELECT {_HEAD} FROM jobs WHERE job_id = ANY(CAST(:ids AS text[])) ORDER BY job_id FOR UPDATE"),

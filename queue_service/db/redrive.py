@@ -134,28 +134,9 @@ async def _restore_root(
 
 
 async def _restore_descendants(conn: AsyncConnection, root: str, now: datetime) -> list[StatusChange]:
-    below = (
-        await conn.execute(
-            sa.text(
-                """
-                WITH RECURSIVE below(job_id, parent) AS (
-                    SELECT job_id, depends_on_job_id FROM job_dependencies WHERE depends_on_job_id = :root
-                    UNION
-                    SELECT d.job_id, d.depends_on_job_id
-                    FROM job_dependencies d JOIN below b ON d.depends_on_job_id = b.job_id
-                )
-                SELECT job_id, parent FROM below
-                """
-            ),
-            {"root": root},
-        )
-    ).all()
-    if not below:
+    order = await lifecycle.descendants(conn, root)
+    if not order:
         return []
-    children: dict[str, list[str]] = defaultdict(list)
-    for edge in below:
-        children[edge.parent].append(edge.job_id)
-    order = dag.descendants_in_order(root, lambda job_id: children.get(job_id, ()))
     rows = (
         await conn.execute(
             sa.text(

@@ -28,12 +28,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from loadtest.databases import admin_execute
 from queue_service.db.embedded import embedded_postgres
-from queue_service.db.engine import asyncpg_dsn
 from queue_service.settings import render_url
 
 TASKQUEUE = str(Path(sys.executable).parent / "taskqueue")
@@ -49,22 +48,14 @@ def server_url() -> Iterator[str]:
         yield server.url
 
 
-async def _admin(url: str, statement: str) -> None:
-    connection = await asyncpg.connect(asyncpg_dsn(url))
-    try:
-        await connection.execute(statement)
-    finally:
-        await connection.close()
-
-
 @contextmanager
 def fresh_database(url: str) -> Iterator[str]:
     name = f"tq_bench_{uuid.uuid4().hex[:8]}"
-    asyncio.run(_admin(url, f'CREATE DATABASE "{name}"'))
+    asyncio.run(admin_execute(url, f'CREATE DATABASE "{name}"'))
     try:
         yield render_url(make_url(url).set(database=name))
     finally:
-        asyncio.run(_admin(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        asyncio.run(admin_execute(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 @contextmanager

@@ -23,7 +23,8 @@ def server_url() -> str:
     return os.environ.get("DATABASE_URL") or DEFAULT_SERVER_URL
 
 
-async def _admin(url: str, statement: str) -> None:
+async def admin_execute(url: str, statement: str) -> None:
+    """Run one statement (CREATE/DROP DATABASE) on its own connection: no transaction."""
     connection = await asyncpg.connect(asyncpg_dsn(url))
     try:
         await connection.execute(statement)
@@ -35,8 +36,8 @@ async def _admin(url: str, statement: str) -> None:
 async def fresh_database(url: str, prefix: str) -> AsyncIterator[str]:
     """Create an empty database beside `url`'s, yield its plain `postgresql://` URL, drop it."""
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    await _admin(url, f'CREATE DATABASE "{name}"')
+    await admin_execute(url, f'CREATE DATABASE "{name}"')
     try:
         yield render_url(make_url(url).set(drivername="postgresql", database=name))
     finally:
-        await _admin(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin_execute(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

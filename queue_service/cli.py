@@ -20,7 +20,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final
 
 import typer
@@ -29,6 +29,8 @@ from pydantic import ValidationError
 
 from queue_service.api.app import create_app
 from queue_service.db import migrate as migrations
+from queue_service.db import retention
+from queue_service.db.engine import create_engine
 from queue_service.runtime import database_url, open_runtime
 from queue_service.settings import Settings
 
@@ -174,6 +176,44 @@ def worker(
     configure_logging(log_level)
     settings = load_settings(node_cpu_units=cpu_units, node_memory_mb=memory_mb, node_id=node_id)
     asyncio.run(_run_worker(settings))
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90`, `90s`, `15m`, `12h` or `7d` as a duration."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text and text[-1] in units else (text, "s")
+    try:
+        seconds = float(number) * units[unit]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a duration like 3600, 90m, 12h or 7d") from None
+    if seconds <= 0:
+        raise typer.BadParameter("the duration must be positive")
+    return timedelta(seconds=seconds)
+
+
+async def _purge(settings: Settings, older_than: timedelta) -> int:
+    async with AsyncExitStack() as stack:
+        url = await database_url(settings, stack)
+        engine = create_engine(settings, url)
+        stack.push_async_callback(engine.dispose)
+        total = 0
+        while True:
+            async with engine.begin() as conn:
+                purged = await retention.purge_finished(conn, datetime.now(UTC) - older_than)
+            total += purged
+            if purged < retention.PURGE_BATCH:
+                return total
+
+
+@app.command()
+def purge(
+    older_than: Annotated[str, typer.Option(help="age of finished jobs to delete: 3600, 90m, 12h, 7d")],
+    log_level: LogLevel = "info",
+) -> None:
+    """Delete completed and cancelled jobs finished longer ago than --older-than (failed jobs stay)."""
+    configure_logging(log_level)
+    purged = asyncio.run(_purge(load_settings(), parse_duration(older_than)))
+    typer.echo(f"purged {purged} finished jobs")
 
 
 @app.command()

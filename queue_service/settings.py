@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     heartbeat_seconds: float | None = Field(default=None, gt=0, description="lease renewal interval; lease/3 if unset")
     shutdown_grace_seconds: float = Field(default=DEFAULT_SHUTDOWN_GRACE_SECONDS, ge=0)
     poll_interval_seconds: float = Field(default=DEFAULT_POLL_INTERVAL_SECONDS, gt=0)
+    retention_seconds: float | None = Field(
+        default=None, gt=0, description="the leader deletes completed/cancelled jobs older than this; unset keeps all"
+    )
     leader_interval_seconds: float = Field(
         default=DEFAULT_LEADER_INTERVAL_SECONDS,
         gt=0,

@@ -180,6 +180,12 @@ def upgrade() -> None:
         [sa.text("finished_at DESC"), sa.text("job_id DESC")],
         postgresql_where=sa.text("status = 'failed'"),
     )
+    op.create_index(
+        "ix_jobs_retention",
+        "jobs",
+        ["finished_at"],
+        postgresql_where=sa.text("status IN ('completed', 'cancelled')"),
+    )
 
     op.create_table(
         "job_dependencies",

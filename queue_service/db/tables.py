@@ -159,6 +159,12 @@ sa.Index(
     jobs.c.job_id.desc(),
     postgresql_where=jobs.c.status == "failed",
 )
+# Retention: finished jobs oldest first, so a purge deletes without a scan.
+sa.Index(
+    "ix_jobs_retention",
+    jobs.c.finished_at,
+    postgresql_where=jobs.c.status.in_(["completed", "cancelled"]),
+)
 
 job_dependencies = sa.Table(
     "job_dependencies",

@@ -24,13 +24,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Final
 
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from queue_service.db import attempts, insight, jobs, schedules
+from queue_service.db import attempts, insight, jobs, retention, schedules
 from queue_service.db.engine import asyncpg_dsn
 from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
 from queue_service.settings import Settings
@@ -42,6 +42,7 @@ LEADER_LOCK_KEY: Final = 0x7461736B_6C656164  # "tasklead": any stable 64-bit nu
 LEADER_APPLICATION_PREFIX: Final = "taskqueue-leader:"  # pg_stat_activity shows who leads
 MAX_REAPER_INTERVAL_SECONDS: Final = 5.0
 CONNECT_TIMEOUT_SECONDS: Final = 10.0
+RETENTION_INTERVAL_SECONDS: Final = 60.0  # how often the leader purges old finished jobs
 # A leader whose host vanishes without closing its socket loses the lock after
 # about idle + interval × count seconds (TCP only; a Unix socket closes with the process).
 KEEPALIVES: Final = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
@@ -81,6 +82,8 @@ class Leader:
             _Duty("cron", self.settings.leader_interval_seconds, self._fire_schedules),
             _Duty("counter compaction", FOLD_INTERVAL_SECONDS, self._compact),
         ]
+        if self.settings.retention_seconds is not None:
+            self.duties.append(_Duty("retention purge", RETENTION_INTERVAL_SECONDS, self._purge))
 
     @property
     def is_leader(self) -> bool:
@@ -176,6 +179,12 @@ class Leader:
             log.info("cron created %s", ", ".join(fired.created))
         for name, why in fired.failed:
             log.warning("schedule %s could not fire: %s", name, why)
+
+    async def _purge(self, conn: AsyncConnection, now: datetime) -> None:
+        assert self.settings.retention_seconds is not None
+        purged = await retention.purge_finished(conn, now - timedelta(seconds=self.settings.retention_seconds))
+        if purged:
+            log.info("retention purged %d finished jobs", purged)
 
     async def _compact(self, conn: AsyncConnection, now: datetime) -> None:
         await insight.fold_queue_counters(conn)  # SELECT queue_counters_compact(), when worth it

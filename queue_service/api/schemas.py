@@ -155,7 +155,8 @@ class BulkRedrive(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    type: str | None = Field(default=None, min_length=1, max_length=c.JOB_TYPE_MAX_LENGTH)
+    # No NUL: PostgreSQL text cannot hold one (the same rule as GET /jobs?type=).
+    type: str | None = Field(default=None, min_length=1, max_length=c.JOB_TYPE_MAX_LENGTH, pattern=r"^[^\x00]+$")
     failure_reasons: list[FailureReason] | None = Field(
         default=None,
         description="default: max_attempts_exhausted and permanent_error (dependency_failed jobs come back "

@@ -141,11 +141,6 @@ async def test_nul_in_a_path_or_query_is_not_a_500(api: Api) -> None:
     assert response.status_code < 500, response.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: POST /dead-letter/retry passes a NUL in `type` to PostgreSQL "
-    "(asyncpg CharacterNotInRepertoireError) and answers 500; GET /jobs refuses the same with a 422",
-)
 async def test_a_nul_in_the_redrive_filter_is_a_422(api: Api) -> None:
     response = await api.client.post("/dead-letter/retry", json={"type": "a\x00b"})
     assert_problem(response, 422, "validation_error")

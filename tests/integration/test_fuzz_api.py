@@ -179,10 +179,11 @@ def problem_details(ctx: Any, response: Response, case: Case[Any]) -> bool | Non
 # What JSON Schema cannot say, so a schema-valid request may still be refused as invalid:
 # an opaque cursor the service did not issue, max_delay ≥ initial_delay, depends_on without
 # duplicates or the job itself, the Idempotency-Key header agreeing with the body, strings
-# PostgreSQL cannot store (NUL), nesting past the limit.
+# PostgreSQL cannot store (NUL), nesting past the limit, a job id or idempotency key used
+# twice within one batch.
 UNDECLARABLE_RULES = ("cursor", "max_delay_seconds", "depends_on", "Idempotency-Key")
 # JSON Schema counts 1.0 as an integer; the parser, like pydantic in strict mode, wants 1.
-UNDECLARABLE_MESSAGES = ("NUL character", "nested deeper", "must be an integer")
+UNDECLARABLE_MESSAGES = ("NUL character", "nested deeper", "must be an integer", "appears twice")
 
 
 def schema_valid_requests_parse(ctx: Any, response: Response, case: Case[Any]) -> bool | None:

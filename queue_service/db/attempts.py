@@ -514,7 +514,7 @@ async def cancel_job(conn: AsyncConnection, job_id: str, now: datetime) -> list[
             ),
             {"now": now, "id": job_id, "attempt": row.attempts},
         )
-        await lifecycle.release(conn, row.worker_id, Resources(row.cpu_units, row.memory_mb))
+        await lifecycle.release_many(conn, {row.worker_id: Resources(row.cpu_units, row.memory_mb)})
         messages.append({"event": CANCEL_ATTEMPT, "job_id": job_id, "node_id": row.worker_id, "attempt": row.attempts})
     await conn.execute(
         sa.text(

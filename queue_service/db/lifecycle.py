@@ -202,13 +202,3 @@ async def release_many(conn: AsyncConnection, freed: dict[str, Resources]) -> No
         ),
         {"nodes": nodes, "cpu": [freed[n].cpu_units for n in nodes], "memory": [freed[n].memory_mb for n in nodes]},
     )
-
-
-async def release(conn: AsyncConnection, node_id: str, resources: Resources) -> None:
-    """Give an attempt's resources back to its node (the CHECK keeps use ≥ 0)."""
-    await conn.execute(
-        sa.text(
-            "UPDATE nodes SET cpu_used = cpu_used - :cpu, memory_used = memory_used - :memory WHERE node_id = :node"
-        ),
-        {"cpu": resources.cpu_units, "memory": resources.memory_mb, "node": node_id},
-    )

@@ -35,8 +35,10 @@ POOL_TIMEOUT_SECONDS: Final = 10.0  # a request waits this long for a connection
 POOL_RECYCLE_SECONDS: Final = 30 * 60  # below typical proxy/load-balancer idle cut-offs
 
 # Every connection runs with these, so timestamps print in UTC and the planner's
-# JIT, which costs more than it saves on short OLTP statements, stays off.
-SERVER_SETTINGS: Final = {"timezone": "UTC", "jit": "off"}
+# JIT, which costs more than it saves on short OLTP statements, stays off. No
+# transaction of the service waits on anything but the database, so one idle for a
+# minute belongs to a stuck or cut-off client: the server ends it and frees its locks.
+SERVER_SETTINGS: Final = {"timezone": "UTC", "jit": "off", "idle_in_transaction_session_timeout": "60s"}
 
 # SQLSTATE codes (PostgreSQL Appendix A); class 23 is "integrity constraint violation".
 UNIQUE_VIOLATION: Final = "23505"

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from queue_service.api.app import create_app
 from queue_service.db import insight
+from queue_service.db.engine import create_engine
 
 pytestmark = pytest.mark.integration
 
@@ -29,11 +30,17 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 async def service(url: str, **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, AsyncEngine]]:
     """The app with a worker node, its lifespan running, and a client on it."""
     settings = api_settings(url, poll_interval_seconds=0.2, node_id="metrics-node", **overrides)
-    app = create_app(settings, run_worker=True)
-    async with app.router.lifespan_context(app):
-        async with app.state.runtime.engine.begin() as conn:  # not nodes: this app's own row is there
+    # Reset before the app starts: a TRUNCATE beside a running worker and leader would
+    # wait on their transactions for as long as they keep them open.
+    cleaner = create_engine(settings)
+    try:
+        async with cleaner.begin() as conn:
             await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
             await conn.execute(sa.text("UPDATE dispatch_control SET paused = false"))
+    finally:
+        await cleaner.dispose()
+    app = create_app(settings, run_worker=True)
+    async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url=BASE_URL, timeout=30) as client:
             yield client, app.state.runtime.engine

@@ -162,6 +162,8 @@ async def seed(engine: AsyncEngine, table: Table) -> None:
         for count, status in table.segments:
             await conn.execute(sa.text(SEED_SQL.format(status=status)), {"first": first, "count": count})
             first += count
+        # As the leader's periodic fold would have by now: one position-bucket row per bucket.
+        await conn.execute(sa.text("SELECT queue_rank_compact()"))
     async with engine.connect() as conn:
         autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
         await autocommit.execute(sa.text("VACUUM ANALYZE"))

@@ -59,23 +59,33 @@ async def queue_depth(conn: AsyncConnection) -> tuple[list[Depth], int]:
     return depths, read
 
 
+# Append-only delta tables and the function that folds each (see queue_service.db.tables).
+_FOLDED_TABLES: Final = (
+    ("queue_counters", "queue_counters_compact"),
+    ("queue_rank_deltas", "queue_rank_compact"),
+)
+
+
 async def fold_queue_counters(conn: AsyncConnection) -> bool:
-    """Fold the counter deltas to one row per key, if no other process is doing it and
-    there are enough rows to be worth it; True if this call folded."""
+    """Fold the depth counters and the queue-position deltas, each only if no other
+    process is doing it and there are enough rows to be worth it; True if anything
+    was folded."""
     locked = (await conn.execute(sa.text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": FOLD_LOCK_KEY})).scalar()
     if not locked:
         return False
-    # Counting at most threshold+1 rows keeps the check itself cheap on a long table.
-    rows = (
-        await conn.execute(
-            sa.text("SELECT count(*) FROM (SELECT 1 FROM queue_counters LIMIT :limit) AS sample"),
-            {"limit": FOLD_THRESHOLD_ROWS + 1},
-        )
-    ).scalar_one()
-    if rows <= FOLD_THRESHOLD_ROWS:
-        return False
-    await conn.execute(sa.text("SELECT queue_counters_compact()"))
-    return True
+    folded = False
+    for table, compact in _FOLDED_TABLES:
+        # Counting at most threshold+1 rows keeps the check itself cheap on a long table.
+        rows = (
+            await conn.execute(
+                sa.text(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT :limit) AS sample"),
+                {"limit": FOLD_THRESHOLD_ROWS + 1},
+            )
+        ).scalar_one()
+        if rows > FOLD_THRESHOLD_ROWS:
+            await conn.execute(sa.text(f"SELECT {compact}()"))
+            folded = True
+    return folded
 
 
 async def live_nodes(conn: AsyncConnection) -> list[NodeUsage]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -219,7 +220,7 @@ async def _create(
     ]
     await announce_changes(conn, changes, wake=True)
     queued = [_Queued(row["job_id"], row["sort_key"]) for row in rows if row["status"] == JobStatus.READY.value]
-    positions = await _queue_positions(conn, queued)
+    positions = await queue_positions(conn, queued)
     return {
         row["job_id"]: {
             "job_id": row["job_id"],
@@ -476,7 +477,7 @@ async def _public_rows(conn: AsyncConnection, rows: Sequence[Any]) -> list[dict[
         depends_on.setdefault(edge.job_id, []).append(edge.depends_on_job_id)
         if edge.status != JobStatus.COMPLETED.value:
             unfinished.setdefault(edge.job_id, []).append(edge.depends_on_job_id)
-    positions = await _queue_positions(conn, [r for r in rows if r.status == JobStatus.READY.value])
+    positions = await queue_positions(conn, [r for r in rows if r.status == JobStatus.READY.value])
     return [
         _public(
             r,
@@ -488,28 +489,86 @@ async def _public_rows(conn: AsyncConnection, rows: Sequence[Any]) -> list[dict[
     ]
 
 
-async def _queue_positions(conn: AsyncConnection, ready: Sequence[Any]) -> dict[str, int]:
+_LOWEST_BUCKET: Final = -(2**63)
+
+# A job's position, as bounded sums (see tables.RANK_LEVEL_WIDTHS): the ready jobs
+# ahead of it in its own second, counted on the ready-queue index, plus the bucket
+# counts (folded base rows and not yet folded deltas) of each range `ranges` names.
+POSITIONS_SQL: Final = sa.text(
+    """
+    WITH ranges AS (
+        SELECT * FROM unnest(
+            CAST(:range_job AS text[]), CAST(:range_level AS smallint[]),
+            CAST(:range_low AS bigint[]), CAST(:range_high AS bigint[])
+        ) AS r(job_id, level, low, high)
+    ), bucket_sums AS (
+        SELECT r.job_id, sum(counted.jobs) AS jobs
+        FROM ranges AS r CROSS JOIN LATERAL (
+            SELECT coalesce(sum(b.jobs), 0) AS jobs FROM queue_rank_base AS b
+            WHERE b.level = r.level AND b.bucket >= r.low AND b.bucket < r.high
+            UNION ALL
+            SELECT coalesce(sum(d.delta), 0) FROM queue_rank_deltas AS d
+            WHERE d.level = r.level AND d.bucket >= r.low AND d.bucket < r.high
+        ) AS counted
+        GROUP BY r.job_id
+    ), targets AS (
+        SELECT * FROM unnest(
+            CAST(:ids AS text[]), CAST(:keys AS float8[]), CAST(:seconds AS float8[])
+        ) AS t(job_id, sort_key, second)
+    )
+    SELECT t.job_id, s.jobs + (
+        SELECT count(*) FROM jobs AS j
+        WHERE j.status = 'ready' AND j.sort_key >= t.second AND (j.sort_key, j.job_id) < (t.sort_key, t.job_id)
+    ) AS position
+    FROM targets AS t JOIN bucket_sums AS s USING (job_id)
+    """
+)
+
+
+def bucket_ranges(key: float) -> list[tuple[int, int, int]]:
+    """The (level, first, past-last) bucket ranges whose counts, summed, give the ready
+    jobs ahead of a job with sort key `key` outside its own second: the seconds
+    before it in its minute, the minutes before it in its hour, the hours before it
+    in its day, and every day before. Bucket arithmetic as the trigger does it."""
+    second = math.floor(key)
+    widths = tables.RANK_LEVEL_WIDTHS
+    buckets = [math.floor(second / width) for width in widths]
+    ranges = [
+        (level, buckets[level] * (widths[level] // widths[level - 1]), buckets[level - 1])
+        for level in range(1, len(widths))
+    ]
+    ranges.append((len(widths), _LOWEST_BUCKET, buckets[-1]))
+    return ranges
+
+
+async def queue_positions(conn: AsyncConnection, ready: Sequence[Any]) -> dict[str, int]:
     """How many ready jobs come before each one in queue order (sort_key, job_id).
 
-    One scan of the ready-queue index up to the furthest of them, numbering rows
-    as it goes, rather than one count per job.
+    Bounded work per job however long the queue (a few dozen bucket rows and the
+    jobs of one second), where numbering the ready rows ahead grew with the position.
     """
     if not ready:
         return {}
-    last = max(ready, key=lambda r: (r.sort_key, r.job_id))
+    range_job, range_level, range_low, range_high = [], [], [], []
+    for row in ready:
+        for level, low, high in bucket_ranges(row.sort_key):
+            range_job.append(row.job_id)
+            range_level.append(level)
+            range_low.append(low)
+            range_high.append(high)
     rows = await conn.execute(
-        sa.text(
-            """
-            SELECT job_id, position FROM (
-                SELECT job_id, row_number() OVER (ORDER BY sort_key, job_id) - 1 AS position
-                FROM jobs WHERE status = 'ready' AND (sort_key, job_id) <= (:key, :id)
-            ) AS queue
-            WHERE job_id = ANY(CAST(:ids AS text[]))
-            """
-        ),
-        {"key": last.sort_key, "id": last.job_id, "ids": [r.job_id for r in ready]},
+        POSITIONS_SQL,
+        {
+            "range_job": range_job,
+            "range_level": range_level,
+            "range_low": range_low,
+            "range_high": range_high,
+            "ids": [r.job_id for r in ready],
+            "keys": [r.sort_key for r in ready],
+            "seconds": [float(math.floor(r.sort_key)) for r in ready],
+        },
     )
-    return {r.job_id: r.position for r in rows}
+    return {r.job_id: int(r.position) for r in rows}
 
 
 def _iso(at: datetime | None) -> str | None:

@@ -342,6 +342,122 @@ def _drop_counter_functions(target: sa.MetaData, connection: sa.Connection, **_:
 sa.event.listen(metadata, "after_create", _create_counter_triggers)
 sa.event.listen(metadata, "after_drop", _drop_counter_functions)
 
+# Queue position without counting the ready jobs ahead (SPEC §4 `position_in_queue`).
+# The ready queue is ordered by a static sort_key (seconds), so it is cut into
+# buckets of 1 s, 1 min, 1 h and 1 day of sort_key, and a statement-level trigger
+# keeps how many ready jobs each bucket holds. A job's position is then the ready
+# jobs ahead of it in its own second (an index range), plus at most 59 seconds,
+# 59 minutes and 23 hours of bucket sums, plus the days before: bounded work, however
+# long the queue. Bucket k of a level holds floor(floor(sort_key) / width) = k.
+# Counts are kept the way queue_counters keeps depth: appended deltas that no two
+# transactions contend on, folded by the leader into one base row per bucket.
+RANK_LEVEL_WIDTHS: Final = (1, 60, 3600, 86400)  # seconds; each a multiple of the last
+
+queue_rank_base = sa.Table(
+    "queue_rank_base",
+    metadata,
+    sa.Column("level", sa.SmallInteger, primary_key=True),
+    sa.Column("bucket", sa.BigInteger, primary_key=True),
+    sa.Column("jobs", sa.BigInteger, nullable=False),
+)
+# Folding leaves emptied buckets at zero; this finds them to delete without a scan.
+sa.Index(
+    "ix_queue_rank_base_empty",
+    queue_rank_base.c.level,
+    queue_rank_base.c.bucket,
+    postgresql_where=queue_rank_base.c.jobs == 0,
+)
+
+queue_rank_deltas = sa.Table(
+    "queue_rank_deltas",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
+    sa.Column("level", sa.SmallInteger, nullable=False),
+    sa.Column("bucket", sa.BigInteger, nullable=False),
+    sa.Column("delta", sa.BigInteger, nullable=False),
+)
+sa.Index("ix_queue_rank_deltas_level_bucket", queue_rank_deltas.c.level, queue_rank_deltas.c.bucket)
+
+_RANK_LEVELS_SQL = "(VALUES " + ", ".join(f"({i}, float8 '{w}')" for i, w in enumerate(RANK_LEVEL_WIDTHS, 1)) + ")"
+
+QUEUE_RANK_FUNCTIONS: Final = (
+    f"""
+CREATE FUNCTION queue_rank_apply() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN
+        DELETE FROM queue_rank_deltas;
+        DELETE FROM queue_rank_base;
+    ELSIF TG_OP = 'INSERT' THEN
+        INSERT INTO queue_rank_deltas (level, bucket, delta)
+        SELECT l.level, floor(floor(r.sort_key) / l.width)::bigint AS bucket, count(*)
+        FROM new_rows AS r CROSS JOIN {_RANK_LEVELS_SQL} AS l(level, width)
+        WHERE r.status = 'ready'
+        GROUP BY 1, 2;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO queue_rank_deltas (level, bucket, delta)
+        SELECT l.level, floor(floor(r.sort_key) / l.width)::bigint AS bucket, -count(*)
+        FROM old_rows AS r CROSS JOIN {_RANK_LEVELS_SQL} AS l(level, width)
+        WHERE r.status = 'ready'
+        GROUP BY 1, 2;
+    ELSE
+        INSERT INTO queue_rank_deltas (level, bucket, delta)
+        SELECT l.level, floor(floor(r.sort_key) / l.width)::bigint AS bucket, sum(r.delta)
+        FROM (
+            SELECT sort_key, 1 AS delta FROM new_rows WHERE status = 'ready'
+            UNION ALL
+            SELECT sort_key, -1 AS delta FROM old_rows WHERE status = 'ready'
+        ) AS r CROSS JOIN {_RANK_LEVELS_SQL} AS l(level, width)
+        GROUP BY 1, 2
+        HAVING sum(r.delta) <> 0;
+    END IF;
+    RETURN NULL;
+END
+$$
+""",
+    """
+CREATE FUNCTION queue_rank_compact() RETURNS void
+LANGUAGE sql AS $$
+    WITH folded AS (
+        DELETE FROM queue_rank_deltas RETURNING level, bucket, delta
+    )
+    INSERT INTO queue_rank_base AS base (level, bucket, jobs)
+    SELECT level, bucket, sum(delta) FROM folded
+    GROUP BY level, bucket
+    HAVING sum(delta) <> 0
+    ON CONFLICT (level, bucket) DO UPDATE SET jobs = base.jobs + EXCLUDED.jobs;
+    DELETE FROM queue_rank_base WHERE jobs = 0;
+$$
+""",
+)
+QUEUE_RANK_TRIGGERS: Final = (
+    "CREATE TRIGGER jobs_rank_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION queue_rank_apply()",
+    "CREATE TRIGGER jobs_rank_update AFTER UPDATE ON jobs REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION queue_rank_apply()",
+    "CREATE TRIGGER jobs_rank_delete AFTER DELETE ON jobs REFERENCING OLD TABLE AS old_rows"
+    " FOR EACH STATEMENT EXECUTE FUNCTION queue_rank_apply()",
+    "CREATE TRIGGER jobs_rank_truncate AFTER TRUNCATE ON jobs FOR EACH STATEMENT EXECUTE FUNCTION queue_rank_apply()",
+)
+QUEUE_RANK_DROPS: Final = (
+    "DROP FUNCTION IF EXISTS queue_rank_compact()",
+    "DROP FUNCTION IF EXISTS queue_rank_apply()",
+)
+
+
+def _create_rank_triggers(target: sa.MetaData, connection: sa.Connection, **_: object) -> None:
+    for statement in (*QUEUE_RANK_FUNCTIONS, *QUEUE_RANK_TRIGGERS):
+        connection.exec_driver_sql(statement)
+
+
+def _drop_rank_functions(target: sa.MetaData, connection: sa.Connection, **_: object) -> None:
+    for statement in QUEUE_RANK_DROPS:
+        connection.exec_driver_sql(statement)
+
+
+sa.event.listen(metadata, "after_create", _create_rank_triggers)
+sa.event.listen(metadata, "after_drop", _drop_rank_functions)
+
 # Operators pause and resume dispatch on every node (SPEC §12): one row, read by each claim.
 dispatch_control = sa.Table(
     "dispatch_control",

@@ -187,4 +187,4 @@ class Leader:
             log.info("retention purged %d finished jobs", purged)
 
     async def _compact(self, conn: AsyncConnection, now: datetime) -> None:
-        await insight.fold_queue_counters(conn)  # SELECT queue_counters_compact(), when worth it
+        await insight.fold_queue_counters(conn)  # depth counters and position buckets, when worth it

@@ -33,6 +33,8 @@ APPLICATION_TABLES = {
     "nodes",
     "schedules",
     "queue_counters",
+    "queue_rank_base",
+    "queue_rank_deltas",
 }
 
 # Catalog queries whose results must be equal between the two databases.
@@ -161,6 +163,10 @@ async def test_migrated_catalog_equals_declared_catalog(
         "jobs_count_update",
         "jobs_count_delete",
         "jobs_count_truncate",
+        "jobs_rank_insert",
+        "jobs_rank_update",
+        "jobs_rank_delete",
+        "jobs_rank_truncate",
     }
 
 

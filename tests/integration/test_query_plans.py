@@ -33,7 +33,9 @@ HOT_PATHS = {
         "ix_jobs_ready_queue",
     ),
     "position in queue": (
-        "SELECT count(*) FROM jobs WHERE status = 'ready' AND (sort_key, job_id) < (1767225600.0, 'job_5')",
+        # The jobs of the job's own second; the rest of a position comes from bucket counts.
+        "SELECT count(*) FROM jobs WHERE status = 'ready' AND sort_key >= 1767225600.0"
+        " AND (sort_key, job_id) < (1767225600.5, 'job_5')",
         "ix_jobs_ready_queue",
     ),
     "retry wake-up": (

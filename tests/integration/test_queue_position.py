@@ -1,0 +1,187 @@
+"""`position_in_queue` from bucket counts equals counting the ready jobs ahead.
+
+The position is summed from per-second/minute/hour/day counts the triggers keep
+(see queue_service.db.tables.RANK_LEVEL_WIDTHS), so every way a job enters or
+leaves the ready queue must move them: inserts, status changes, a new sort key,
+deletes, truncation, and the leader's folding must not change any answer. Each
+check compares every ready job's position with a plain count.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from queue_service.db import insight, jobs, tables
+
+pytestmark = pytest.mark.integration
+
+DAY = 86_400.0
+# Keys on and just either side of every level's boundaries, negative ones, and ties.
+EDGE_KEYS = [
+    0.0,
+    -0.5,
+    -1.0,
+    -DAY - 0.25,
+    59.999999,
+    60.0,
+    3599.9999999,
+    3600.0,
+    DAY - 1e-6,
+    DAY,
+    DAY + 0.5,
+    1_767_225_599.999,
+    1_767_225_600.0,
+    1_767_225_600.0,
+]
+
+
+def _random_key(rng: random.Random) -> float:
+    base = 1_767_225_600.0  # 2026-01-01; the live service's keys are epoch seconds minus head starts
+    return rng.choice(EDGE_KEYS) if rng.random() < 0.1 else base + rng.uniform(-3 * DAY, 3 * DAY)
+
+
+async def _insert(conn: AsyncConnection, make_job: Any, rows: list[tuple[str, float]]) -> None:
+    values = [make_job(job_id, sort_key=key) for job_id, key in rows]
+    await conn.execute(sa.insert(tables.jobs), values)
+
+
+async def _assert_positions_exact(conn: AsyncConnection) -> int:
+    ready = (
+        await conn.execute(
+            sa.text(
+                "SELECT job_id, sort_key, row_number() OVER (ORDER BY sort_key, job_id) - 1 AS expected"
+                " FROM jobs WHERE status = 'ready'"
+            )
+        )
+    ).all()
+    positions = await jobs.queue_positions(conn, ready)
+    wrong = {r.job_id: (positions.get(r.job_id), r.expected) for r in ready if positions.get(r.job_id) != r.expected}
+    assert not wrong, f"{len(wrong)} of {len(ready)} positions wrong (got, expected): {list(wrong.items())[:5]}"
+    return len(ready)
+
+
+@pytest.mark.parametrize("seed_value", [1, 2, 3])
+async def test_positions_follow_every_change_and_folding(engine: AsyncEngine, make_job: Any, seed_value: int) -> None:
+    rng = random.Random(seed_value)
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
+    counter = 0
+
+    def fresh(n: int) -> list[tuple[str, float]]:
+        nonlocal counter
+        counter += n
+        return [(f"j{counter - i:05d}", _random_key(rng)) for i in range(n)]
+
+    checked = 0
+    for round_number in range(6):
+        async with engine.begin() as conn:
+            await _insert(conn, make_job, fresh(rng.randint(20, 120)))  # one statement: a batch
+            for job_id, key in fresh(5):  # single submissions
+                await _insert(conn, make_job, [(job_id, key)])
+            ready = [r.job_id for r in await conn.execute(sa.text("SELECT job_id FROM jobs WHERE status = 'ready'"))]
+            claimed = rng.sample(ready, k=min(len(ready), rng.randint(1, 15)))
+            await conn.execute(
+                sa.text(
+                    "UPDATE jobs SET status = 'running', attempts = 1, lease_token = gen_random_uuid(),"
+                    " lease_expires_at = now(), started_at = now() WHERE job_id = ANY(:ids)"
+                ),
+                {"ids": claimed},
+            )
+            cancelled = rng.sample(sorted(set(ready) - set(claimed)), k=3)
+            await conn.execute(
+                sa.text(
+                    "UPDATE jobs SET status = 'cancelled', cancel_reason = 'user', finished_at = now(),"
+                    " ready_at = NULL, sort_key = NULL WHERE job_id = ANY(:ids)"
+                ),
+                {"ids": cancelled},
+            )
+            # Retried jobs come back with a new key; ready jobs may be re-keyed in place.
+            back = rng.sample(claimed, k=len(claimed) // 2)
+            for job_id in back:
+                await conn.execute(
+                    sa.text(
+                        "UPDATE jobs SET status = 'ready', lease_token = NULL, lease_expires_at = NULL,"
+                        " sort_key = :key, ready_at = now() WHERE job_id = :id"
+                    ),
+                    {"id": job_id, "key": _random_key(rng)},
+                )
+            still_ready = sorted(set(ready) - set(claimed) - set(cancelled))
+            await conn.execute(
+                sa.text("UPDATE jobs SET sort_key = sort_key + :shift WHERE job_id = ANY(:ids)"),
+                {"ids": rng.sample(still_ready, k=min(5, len(still_ready))), "shift": rng.uniform(-DAY, DAY)},
+            )
+            await conn.execute(
+                sa.text("DELETE FROM jobs WHERE job_id = ANY(:ids)"),
+                {"ids": rng.sample(still_ready, k=min(4, len(still_ready)))},
+            )
+            checked += await _assert_positions_exact(conn)  # inside the writing transaction, too
+        async with engine.begin() as conn:
+            if round_number % 2:
+                await conn.execute(sa.text("SELECT queue_rank_compact()"))  # what the leader's fold runs
+            checked += await _assert_positions_exact(conn)
+    assert checked > 500
+
+
+async def test_folding_keeps_positions_and_empties_the_deltas(engine: AsyncEngine, seed: Any) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
+        for first in range(1, 3001, 100):
+            await seed(conn, 100, first)
+        before = await _assert_positions_exact(conn)
+        assert await insight.fold_queue_counters(conn)
+        deltas = (await conn.execute(sa.text("SELECT count(*) FROM queue_rank_deltas"))).scalar_one()
+        empty = (await conn.execute(sa.text("SELECT count(*) FROM queue_rank_base WHERE jobs = 0"))).scalar_one()
+        after = await _assert_positions_exact(conn)
+    assert (deltas, empty) == (0, 0)
+    assert before == after == 450  # 15% of the seeded jobs are ready
+
+
+async def test_truncate_empties_the_buckets(engine: AsyncEngine, seed: Any) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
+        await seed(conn, 200)
+        await conn.execute(sa.text("SELECT queue_rank_compact()"))
+        await seed(conn, 200, 1000)
+        await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
+        left = (
+            await conn.execute(
+                sa.text("SELECT (SELECT count(*) FROM queue_rank_base) + (SELECT count(*) FROM queue_rank_deltas)")
+            )
+        ).scalar_one()
+    assert left == 0
+
+
+async def test_the_position_query_reads_indexes_only(engine: AsyncEngine, seed: Any) -> None:
+    """At the back of a long queue the plan is index ranges: no scan of jobs or of the buckets."""
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
+        await seed(conn, 20_000)
+        await conn.execute(sa.text("SELECT queue_rank_compact()"))
+        await seed(conn, 2_000, 20_001)  # unfolded deltas as well
+    async with engine.connect() as conn:
+        await conn.execute(sa.text("COMMIT"))
+        await conn.execute(sa.text("VACUUM ANALYZE jobs, queue_rank_base, queue_rank_deltas"))
+    async with engine.begin() as conn:
+        last = (
+            await conn.execute(
+                sa.text("SELECT job_id, sort_key FROM jobs WHERE status = 'ready' ORDER BY sort_key DESC LIMIT 1")
+            )
+        ).one()
+        ranges = jobs.bucket_ranges(last.sort_key)
+        params = {
+            "range_job": [last.job_id] * len(ranges),
+            "range_level": [level for level, _, _ in ranges],
+            "range_low": [low for _, low, _ in ranges],
+            "range_high": [high for _, _, high in ranges],
+            "ids": [last.job_id],
+            "keys": [last.sort_key],
+            "seconds": [float(int(last.sort_key // 1))],
+        }
+        plan = "\n".join(r[0] for r in await conn.execute(sa.text("EXPLAIN " + jobs.POSITIONS_SQL.text), params))
+    assert "ix_jobs_ready_queue" in plan, plan
+    assert "Seq Scan" not in plan, plan

@@ -491,18 +491,23 @@ async def _public_rows(conn: AsyncConnection, rows: Sequence[Any]) -> list[dict[
 
 _LOWEST_BUCKET: Final = -(2**63)
 
-# A job's position, as bounded sums (see tables.RANK_LEVEL_WIDTHS): the ready jobs
-# ahead of it in its own second, counted on the ready-queue index, plus the bucket
-# counts (folded base rows and not yet folded deltas) of each range `ranges` names.
+# Positions, per second of sort_key that holds asked-for jobs: the bucket counts
+# (folded base rows and not yet folded deltas) of the ranges `bucket_ranges` names
+# for that second, plus each job's number among the ready jobs of its own second,
+# numbered on the ready-queue index up to the last asked-for job of that second.
 POSITIONS_SQL: Final = sa.text(
     """
-    WITH ranges AS (
+    WITH seconds AS (
         SELECT * FROM unnest(
-            CAST(:range_job AS text[]), CAST(:range_level AS smallint[]),
-            CAST(:range_low AS bigint[]), CAST(:range_high AS bigint[])
-        ) AS r(job_id, level, low, high)
-    ), bucket_sums AS (
-        SELECT r.job_id, sum(counted.jobs) AS jobs
+            CAST(:seconds AS float8[]), CAST(:last_keys AS float8[]), CAST(:last_ids AS text[])
+        ) AS s(second, last_key, last_id)
+    ), ranges AS (
+        SELECT * FROM unnest(
+            CAST(:range_seconds AS float8[]), CAST(:range_levels AS smallint[]),
+            CAST(:range_lows AS bigint[]), CAST(:range_highs AS bigint[])
+        ) AS r(second, level, low, high)
+    ), earlier AS (
+        SELECT r.second, sum(counted.jobs) AS jobs
         FROM ranges AS r CROSS JOIN LATERAL (
             SELECT coalesce(sum(b.jobs), 0) AS jobs FROM queue_rank_base AS b
             WHERE b.level = r.level AND b.bucket >= r.low AND b.bucket < r.high
@@ -510,17 +515,17 @@ POSITIONS_SQL: Final = sa.text(
             SELECT coalesce(sum(d.delta), 0) FROM queue_rank_deltas AS d
             WHERE d.level = r.level AND d.bucket >= r.low AND d.bucket < r.high
         ) AS counted
-        GROUP BY r.job_id
-    ), targets AS (
-        SELECT * FROM unnest(
-            CAST(:ids AS text[]), CAST(:keys AS float8[]), CAST(:seconds AS float8[])
-        ) AS t(job_id, sort_key, second)
+        GROUP BY r.second
     )
-    SELECT t.job_id, s.jobs + (
-        SELECT count(*) FROM jobs AS j
-        WHERE j.status = 'ready' AND j.sort_key >= t.second AND (j.sort_key, j.job_id) < (t.sort_key, t.job_id)
-    ) AS position
-    FROM targets AS t JOIN bucket_sums AS s USING (job_id)
+    SELECT numbered.job_id, earlier.jobs + numbered.within AS position
+    FROM seconds JOIN earlier USING (second)
+    CROSS JOIN LATERAL (
+        SELECT j.job_id, row_number() OVER (ORDER BY j.sort_key, j.job_id) - 1 AS within
+        FROM jobs AS j
+        WHERE j.status = 'ready' AND j.sort_key >= seconds.second
+          AND (j.sort_key, j.job_id) <= (seconds.last_key, seconds.last_id)
+    ) AS numbered
+    WHERE numbered.job_id = ANY(CAST(:ids AS text[]))
     """
 )
 
@@ -541,33 +546,36 @@ def bucket_ranges(key: float) -> list[tuple[int, int, int]]:
     return ranges
 
 
+def positions_parameters(ready: Sequence[Any]) -> dict[str, list[Any]]:
+    """POSITIONS_SQL's parameters for these ready jobs (each has job_id and sort_key)."""
+    last_of_second: dict[float, tuple[float, str]] = {}
+    for row in ready:
+        second = float(math.floor(row.sort_key))
+        job = (row.sort_key, row.job_id)
+        last_of_second[second] = max(last_of_second.get(second, job), job)
+    ranges = [(second, *r) for second in last_of_second for r in bucket_ranges(second)]
+    return {
+        "seconds": list(last_of_second),
+        "last_keys": [key for key, _ in last_of_second.values()],
+        "last_ids": [job_id for _, job_id in last_of_second.values()],
+        "range_seconds": [r[0] for r in ranges],
+        "range_levels": [r[1] for r in ranges],
+        "range_lows": [r[2] for r in ranges],
+        "range_highs": [r[3] for r in ranges],
+        "ids": [r.job_id for r in ready],
+    }
+
+
 async def queue_positions(conn: AsyncConnection, ready: Sequence[Any]) -> dict[str, int]:
     """How many ready jobs come before each one in queue order (sort_key, job_id).
 
-    Bounded work per job however long the queue (a few dozen bucket rows and the
-    jobs of one second), where numbering the ready rows ahead grew with the position.
+    Bounded work however long the queue: a few dozen bucket rows and the ready jobs
+    of one second per distinct second among `ready`, where numbering every ready
+    row ahead grew with the position.
     """
     if not ready:
         return {}
-    range_job, range_level, range_low, range_high = [], [], [], []
-    for row in ready:
-        for level, low, high in bucket_ranges(row.sort_key):
-            range_job.append(row.job_id)
-            range_level.append(level)
-            range_low.append(low)
-            range_high.append(high)
-    rows = await conn.execute(
-        POSITIONS_SQL,
-        {
-            "range_job": range_job,
-            "range_level": range_level,
-            "range_low": range_low,
-            "range_high": range_high,
-            "ids": [r.job_id for r in ready],
-            "keys": [r.sort_key for r in ready],
-            "seconds": [float(math.floor(r.sort_key)) for r in ready],
-        },
-    )
+    rows = await conn.execute(POSITIONS_SQL, positions_parameters(ready))
     return {r.job_id: int(r.position) for r in rows}
 
 

@@ -172,16 +172,7 @@ async def test_the_position_query_reads_indexes_only(engine: AsyncEngine, seed: 
                 sa.text("SELECT job_id, sort_key FROM jobs WHERE status = 'ready' ORDER BY sort_key DESC LIMIT 1")
             )
         ).one()
-        ranges = jobs.bucket_ranges(last.sort_key)
-        params = {
-            "range_job": [last.job_id] * len(ranges),
-            "range_level": [level for level, _, _ in ranges],
-            "range_low": [low for _, low, _ in ranges],
-            "range_high": [high for _, _, high in ranges],
-            "ids": [last.job_id],
-            "keys": [last.sort_key],
-            "seconds": [float(int(last.sort_key // 1))],
-        }
+        params = jobs.positions_parameters([last])
         plan = "\n".join(r[0] for r in await conn.execute(sa.text("EXPLAIN " + jobs.POSITIONS_SQL.text), params))
     assert "ix_jobs_ready_queue" in plan, plan
     assert "Seq Scan" not in plan, plan

@@ -19,7 +19,6 @@ from datetime import datetime
 from typing import Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from queue_service.core import dag, states
@@ -31,12 +30,11 @@ from queue_service.db import tables
 from queue_service.db.attempts import JobNotFound
 from queue_service.db.engine import translate_errors
 from queue_service.db.errors import IdempotencyKeyConflict, JobIdConflict
-from queue_service.db.events import LogEntry, StatusChange, announce_changes, iso_z, write_log
+from queue_service.db.events import CHANNEL, WAKE_DISPATCH, LogEntry, StatusChange, iso_z
 from queue_service.db.lifecycle import epoch
 
 # Rows per multi-VALUES insert: ~21 parameters a row stays well under the
 # protocol's 32767 bind parameters per statement.
-INSERT_CHUNK: Final = 500
 # A submission that loses a race to an identical concurrent one is re-run this
 # many times; the re-run sees the winner's committed row and answers with it.
 RACE_ATTEMPTS: Final = 3
@@ -105,6 +103,8 @@ async def submit(
     dag.check_acyclic({spec.job_id: spec.depends_on for spec in specs})
     for _ in range(RACE_ATTEMPTS):
         try:
+            if len(specs) == 1:  # a lost race wrote nothing (see _INSERT_SQL): no savepoint to pay for
+                return await _submit_once(conn, specs, request_hashes, now, policy, capacities)
             # A savepoint, so a lost race undoes only this attempt, not the caller's transaction.
             async with conn.begin_nested():
                 return await _submit_once(conn, specs, request_hashes, now, policy, capacities)
@@ -200,25 +200,35 @@ async def _create(
         # Raises for a dependency that already failed or was cancelled: it can never complete.
         unfinished[spec.job_id] = dag.count_unfinished(spec.depends_on, statuses, new_ids)
     rows = [_job_row(spec, digest, unfinished[spec.job_id], now, policy) for spec, digest in new]
-    with translate_errors():
-        inserted: set[str] = set()
-        for start in range(0, len(rows), INSERT_CHUNK):
-            statement = pg_insert(_jobs).values(rows[start : start + INSERT_CHUNK])
-            result = await conn.execute(statement.on_conflict_do_nothing().returning(_jobs.c.job_id))
-            inserted.update(result.scalars())
-        if inserted != new_ids:
-            # ON CONFLICT waited for the concurrent transaction that holds the same id or key,
-            # and it committed. Re-run: the replay check now sees its row and compares hashes.
-            raise _LostRace
-        edges = [{"job_id": s.job_id, "depends_on_job_id": d} for s in specs for d in s.depends_on]
-        if edges:
-            await conn.execute(sa.insert(tables.job_dependencies), edges)
-    await write_log(conn, [entry for spec in specs for entry in _first_entries(spec, statuses, new_ids, now)])
+    entries = [entry for spec in specs for entry in _first_entries(spec, statuses, new_ids, now)]
     changes = [
         StatusChange(s.job_id, s.type, s.priority.value, row["status"], None, 0, now)
         for s, row in zip(specs, rows, strict=True)
     ]
-    await announce_changes(conn, changes, wake=True)
+    notices: list[tuple[str | None, Mapping[str, Any]]] = [(c.job_id, c.payload()) for c in changes]
+    notices.append((None, {"event": WAKE_DISPATCH}))
+    with translate_errors():
+        result = await conn.execute(
+            _INSERT_SQL,
+            {
+                **{column: [row[column] for row in rows] for column in _INSERTED_COLUMNS},
+                "payload": [json.dumps(row["payload"]) for row in rows],
+                "now": now,
+                "edge_jobs": [s.job_id for s in specs for _ in s.depends_on],
+                "edge_parents": [d for s in specs for d in s.depends_on],
+                "log_jobs": [e.job_id for e in entries],
+                "log_events": [e.event for e in entries],
+                "log_messages": [e.message for e in entries],
+                "log_data": [json.dumps(dict(e.data)) for e in entries],
+                "channel": CHANNEL,
+                "notice_jobs": [job_id for job_id, _ in notices],
+                "notice_payloads": [json.dumps(m, separators=(",", ":")) for _, m in notices],
+            },
+        )
+        if set(result.scalar_one()) != new_ids:
+            # ON CONFLICT waited for the concurrent transaction that holds the same id or key,
+            # and it committed. Re-run: the replay check now sees its row and compares hashes.
+            raise _LostRace
     queued = [_Queued(row["job_id"], row["sort_key"]) for row in rows if row["status"] == JobStatus.READY.value]
     positions = await queue_positions(conn, queued)
     return {
@@ -239,6 +249,82 @@ class _Queued:
 
     job_id: str
     sort_key: float
+
+
+# Columns of jobs a submission sets from per-job arrays (payload, as JSON text, and the
+# timestamps are handled apart).
+_INSERTED_COLUMNS: Final = (
+    "job_id",
+    "type",
+    "priority",
+    "status",
+    "cpu_units",
+    "memory_mb",
+    "max_attempts",
+    "backoff_multiplier",
+    "initial_delay_seconds",
+    "max_delay_seconds",
+    "jitter",
+    "timeout_seconds",
+    "idempotency_key",
+    "request_hash",
+    "unfinished_deps",
+    "sort_key",
+)
+# A whole submission in one statement and one round trip, with no per-row SQL to
+# build: the jobs from arrays, then only for the rows really inserted (ON CONFLICT
+# skips a job id or key a concurrent transaction committed first) their edges, log
+# entries and announcements. So a lost race writes nothing at all.
+_INSERT_SQL: Final = sa.text(
+    """
+    WITH inserted AS (
+        INSERT INTO jobs (
+            job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts, backoff_multiplier,
+            initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, idempotency_key, request_hash,
+            attempt_budget, unfinished_deps, created_at, updated_at, ready_at, sort_key
+        )
+        SELECT j.job_id, j.type, j.priority, j.status, CAST(j.payload AS jsonb), j.cpu_units, j.memory_mb,
+               j.max_attempts, j.backoff_multiplier, j.initial_delay_seconds, j.max_delay_seconds, j.jitter,
+               j.timeout_seconds, j.idempotency_key, j.request_hash, j.max_attempts, j.unfinished_deps,
+               CAST(:now AS timestamptz), CAST(:now AS timestamptz),
+               CASE WHEN j.status = 'ready' THEN CAST(:now AS timestamptz) END, j.sort_key
+        FROM unnest(
+            CAST(:job_id AS text[]), CAST(:type AS text[]), CAST(:priority AS text[]), CAST(:status AS text[]),
+            CAST(:payload AS text[]), CAST(:cpu_units AS integer[]), CAST(:memory_mb AS integer[]),
+            CAST(:max_attempts AS integer[]), CAST(:backoff_multiplier AS float8[]),
+            CAST(:initial_delay_seconds AS float8[]), CAST(:max_delay_seconds AS float8[]),
+            CAST(:jitter AS float8[]), CAST(:timeout_seconds AS float8[]), CAST(:idempotency_key AS text[]),
+            CAST(:request_hash AS text[]), CAST(:unfinished_deps AS integer[]), CAST(:sort_key AS float8[])
+        ) AS j(
+            job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts, backoff_multiplier,
+            initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, idempotency_key, request_hash,
+            unfinished_deps, sort_key
+        )
+        ON CONFLICT DO NOTHING
+        RETURNING job_id
+    ), edges AS (
+        INSERT INTO job_dependencies (job_id, depends_on_job_id)
+        SELECT e.job_id, e.depends_on_job_id
+        FROM unnest(CAST(:edge_jobs AS text[]), CAST(:edge_parents AS text[])) AS e(job_id, depends_on_job_id)
+        WHERE e.job_id IN (SELECT job_id FROM inserted)
+    ), logged AS (
+        INSERT INTO job_events (job_id, at, level, event, message, data)
+        SELECT l.job_id, CAST(:now AS timestamptz), 'info', l.event, l.message, CAST(l.data AS jsonb)
+        FROM unnest(
+            CAST(:log_jobs AS text[]), CAST(:log_events AS text[]), CAST(:log_messages AS text[]),
+            CAST(:log_data AS text[])
+        ) AS l(job_id, event, message, data)
+        WHERE l.job_id IN (SELECT job_id FROM inserted)
+    ), announced AS (
+        -- Delivered at commit, in array order; the last one (no job) wakes the dispatchers.
+        SELECT pg_notify(:channel, n.payload)
+        FROM unnest(CAST(:notice_jobs AS text[]), CAST(:notice_payloads AS text[])) AS n(job_id, payload)
+        WHERE n.job_id IN (SELECT job_id FROM inserted)
+           OR (n.job_id IS NULL AND EXISTS (SELECT FROM inserted))
+    )
+    SELECT ARRAY(SELECT job_id FROM inserted) AS inserted, (SELECT count(*) FROM announced) AS announced
+    """
+)
 
 
 async def _lock_dependencies(

@@ -226,8 +226,9 @@ async def test_heartbeat_pings_an_idle_stream(clean_url: str) -> None:
 
 
 async def test_a_slow_consumer_is_dropped_and_never_stalls_the_others(clean_url: str) -> None:
-    jobs = 3000  # more than the slow client's socket buffers (a few hundred kB) and its 600 in the hub
-    settings = settings_for(clean_url, stream_buffer=600)  # above one batch: a burst of 500 at commit
+    jobs = 3000  # more than the slow client's socket buffers (a few kB) and its 2000 in the hub
+    # Room for a few commits of 500 (a burst each) while the fast client drains them.
+    settings = settings_for(clean_url, stream_buffer=2000)
     async with serving(settings, run_worker=False, send_buffer=8192) as (address, app):
         # A consumer that completes the handshake and then never reads, with a tiny receive window.
         slow = socket.socket()
@@ -239,13 +240,15 @@ async def test_a_slow_consumer_is_dropped_and_never_stalls_the_others(clean_url:
         )
         assert (await asyncio.to_thread(slow.recv, 4096)).startswith(b"HTTP/1.1 101")
         fast = await subscribe(address)
+        # The fast consumer reads as events come, while they are being submitted.
+        reading = asyncio.create_task(collect(fast, lambda e: len(e) == jobs))
         started = time.monotonic()
         async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as http:
             await http.post("/dispatch/pause")  # only submissions: one event per job
             for first in range(0, jobs, 500):
                 batch = [quick(f"slow-{i}") for i in range(first, first + 500)]
                 assert (await http.post("/jobs/batch", json=batch)).status_code == 201
-        received = await collect(fast, lambda e: len(e) == jobs)
+        received = await reading
         elapsed = time.monotonic() - started
         hub: EventHub = app.state.stream_hub
         assert hub.clients_dropped == 1

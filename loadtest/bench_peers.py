@@ -29,12 +29,13 @@ from typing import Any
 from loadtest.databases import fresh_database, server_url
 from loadtest.peers import LATENCY_SAMPLES, Peer, RunResult
 from loadtest.peers.celery_peer import CeleryPeer
-from loadtest.peers.ours import Ours
+from loadtest.peers.ours import Ours, OursWideNode
 from loadtest.peers.pgqueuer_peer import PgQueuerPeer
 from loadtest.peers.procrastinate_peer import ProcrastinatePeer
 
 PEERS: dict[str, type[Peer]] = {
     "ours": Ours,
+    "ours-64": OursWideNode,
     "procrastinate": ProcrastinatePeer,
     "pgqueuer": PgQueuerPeer,
     "celery": CeleryPeer,
@@ -110,18 +111,17 @@ def tables(names: list[str], summaries: dict[str, dict[str, Any]], jobs: int, ro
         lines.append(
             f"| {labels[name]} | {rates} | {_fmt(s['latency_p50_ms'], ' ms')} | {_fmt(s['latency_p99_ms'], ' ms')} |"
         )
-    if "ours" in summaries:
-        ours = summaries["ours"]
+    peers = [name for name in names if not name.startswith("ours")]
+    for own in (name for name in names if name.startswith("ours")):
+        ours = summaries[own]
         lines += [
             "",
-            "Ours as a ratio to each peer (ours / peer; above 1× is better for rates, below 1× for latency):",
+            f"{labels[own]} as a ratio to each peer (ours / peer; above 1× is better for rates, below 1× for latency):",
             "",
             "| peer | " + " | ".join(label for _, label in RATES) + " | latency p50 | latency p99 |",
             "|---|" + "---|" * (len(RATES) + 2),
         ]
-        for name in names:
-            if name == "ours":
-                continue
+        for name in peers:
             s = summaries[name]
             cells = [_ratio(ours[key], s[key]) for key, _ in RATES]
             cells += [_ratio(ours["latency_p50_ms"], s["latency_p50_ms"])]

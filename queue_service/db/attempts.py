@@ -20,7 +20,7 @@ from queue_service.core.errors import QueueError
 from queue_service.core.model import ZERO, AttemptOutcome, JobStatus, Resources, RetryConfig
 from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, plan
 from queue_service.db import lifecycle
-from queue_service.db.events import CANCEL_ATTEMPT, WAKE_DISPATCH, LogEntry, StatusChange, announce, write_log
+from queue_service.db.events import CANCEL_ATTEMPT, CHANNEL, WAKE_DISPATCH, LogEntry, StatusChange, announce, write_log
 from queue_service.db.lifecycle import JobHead, epoch, from_epoch
 
 RETRY_WAKE_BATCH = 500  # due retries moved to ready per statement
@@ -67,133 +67,166 @@ async def set_paused(conn: AsyncConnection, paused: bool) -> None:
         await announce(conn, [{"event": WAKE_DISPATCH}])
 
 
-async def _running_on(conn: AsyncConnection, node_id: str) -> list[RunningJob]:
-    rows = await conn.execute(
-        sa.text(
-            "SELECT job_id, cpu_units, memory_mb, started_at, timeout_seconds FROM jobs "
-            "WHERE status = 'running' AND worker_id = :node"
-        ),
-        {"node": node_id},
+# The node locked for this claim, with the pause switch and what already runs on it,
+# in one round trip. The running jobs are read as the statement starts, before the
+# lock may be waited for: an attempt that ended meanwhile still counts, which only
+# makes this plan more careful (the node's CHECK is the hard limit either way).
+_NODE_SQL = sa.text(
+    """
+    SELECT n.cpu_capacity, n.memory_capacity, n.status, d.paused,
+           (SELECT coalesce(json_agg(json_build_array(
+                        j.job_id, j.cpu_units, j.memory_mb, extract(epoch FROM j.started_at) + j.timeout_seconds)),
+                    '[]')
+            FROM jobs AS j WHERE j.status = 'running' AND j.worker_id = n.node_id) AS running
+    FROM nodes AS n CROSS JOIN dispatch_control AS d
+    WHERE n.node_id = :node
+    FOR UPDATE OF n
+    """
+)
+
+# The window is read, not locked: locking K rows per claim would write K row locks
+# when only the few chosen are started. _START_SQL locks those, skipping any another
+# node took meanwhile, so the starts are a subset of the plan, never more.
+_WINDOW_SQL = sa.text(
+    "SELECT job_id, type, priority, attempts, sort_key, cpu_units, memory_mb, timeout_seconds, ready_at "
+    "FROM jobs WHERE status = 'ready' ORDER BY sort_key, job_id LIMIT :window"
+)
+
+# Starting the chosen jobs is one statement: the jobs, their attempt rows, the node's
+# use, the log and the announcements (delivered at commit), all from arrays.
+_START_SQL = sa.text(
+    """
+    WITH planned AS (
+        SELECT * FROM unnest(
+            CAST(:ids AS text[]), CAST(:tokens AS uuid[]), CAST(:numbers AS integer[]),
+            CAST(:cpu AS integer[]), CAST(:memory AS integer[])
+        ) AS p(job_id, token, attempt, cpu_units, memory_mb)
+    ), locked AS (
+        -- In id order, as everything else locks jobs. Still ready with the attempts the
+        -- window saw (so no attempt number is taken twice), and not being taken by another node.
+        SELECT j.job_id FROM jobs AS j JOIN planned AS p USING (job_id)
+        WHERE j.status = 'ready' AND j.attempts = p.attempt - 1
+        ORDER BY j.job_id
+        FOR UPDATE OF j SKIP LOCKED
+    ), chosen AS (
+        SELECT planned.* FROM planned JOIN locked USING (job_id)
+    ), started AS (
+        UPDATE jobs SET status = 'running', attempts = c.attempt, started_at = :now, worker_id = :node,
+                        lease_token = c.token, lease_expires_at = :lease_until, updated_at = :now
+        FROM chosen AS c
+        WHERE jobs.job_id = c.job_id
+        RETURNING jobs.job_id, jobs.payload
+    ), attempt_rows AS (
+        INSERT INTO job_attempts (job_id, attempt, node_id, started_at, lease_token)
+        SELECT c.job_id, c.attempt, :node, :now, c.token FROM chosen AS c
+    ), node_use AS (
+        -- The node's CHECK refuses use above capacity: the database itself never oversubscribes.
+        UPDATE nodes SET cpu_used = cpu_used + (SELECT coalesce(sum(cpu_units), 0) FROM chosen),
+                         memory_used = memory_used + (SELECT coalesce(sum(memory_mb), 0) FROM chosen)
+        WHERE node_id = :node
+    ), logged AS (
+        INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
+        SELECT l.job_id, :now, l.attempt, 'info', l.event, l.message, CAST(l.data AS jsonb)
+        FROM unnest(
+            CAST(:log_jobs AS text[]), CAST(:log_attempts AS integer[]), CAST(:log_events AS text[]),
+            CAST(:log_messages AS text[]), CAST(:log_data AS text[])
+        ) AS l(job_id, attempt, event, message, data)
+        WHERE l.job_id IN (SELECT job_id FROM chosen)
+    ), announced AS (
+        SELECT pg_notify(:channel, n.payload)
+        FROM unnest(CAST(:notice_jobs AS text[]), CAST(:notice_payloads AS text[])) AS n(job_id, payload)
+        WHERE n.job_id IN (SELECT job_id FROM chosen)
     )
-    return [
-        RunningJob(r.job_id, Resources(r.cpu_units, r.memory_mb), epoch(r.started_at) + r.timeout_seconds) for r in rows
-    ]
+    SELECT (SELECT json_object_agg(job_id, payload) FROM started) AS payloads,
+           (SELECT count(*) FROM announced) AS announced
+    """
+)
 
 
 async def claim(
     conn: AsyncConnection, node_id: str, clock: Callable[[], datetime], policy: PolicyConfig, lease_seconds: float
 ) -> list[Claim]:
     """Lock the node and the first K ready jobs (SKIP LOCKED), let core.plan() choose,
-    and start what it chose, all in this transaction.
+    and start what it chose, all in this transaction: three statements.
 
     The clock is read once the node is locked: an attempt that ended while we
     waited for the lock has an earlier end than our starts, so attempt intervals
     on a node never appear to overlap beyond its capacity.
     """
-    if await is_paused(conn):  # checked before taking any lock: a paused queue costs one read
-        return []
-    node = (
-        await conn.execute(
-            sa.text("SELECT cpu_capacity, memory_capacity, status FROM nodes WHERE node_id = :node FOR UPDATE"),
-            {"node": node_id},
-        )
-    ).one_or_none()
-    if node is None or node.status != "active":
+    node = (await conn.execute(_NODE_SQL, {"node": node_id})).one_or_none()
+    if node is None or node.status != "active" or node.paused:
         return []
     now = clock()
-    rows = (
-        await conn.execute(
-            sa.text(
-                "SELECT job_id, sort_key, cpu_units, memory_mb, timeout_seconds FROM jobs WHERE status = 'ready' "
-                "ORDER BY sort_key, job_id LIMIT :window FOR UPDATE SKIP LOCKED"
-            ),
-            {"window": policy.candidate_window},
-        )
-    ).all()
+    rows = (await conn.execute(_WINDOW_SQL, {"window": policy.candidate_window})).all()
     if not rows:
         return []
     candidates = [Candidate(r.job_id, r.sort_key, Resources(r.cpu_units, r.memory_mb), r.timeout_seconds) for r in rows]
+    running = [RunningJob(job_id, Resources(cpu, memory), end) for job_id, cpu, memory, end in node.running]
     capacity = Resources(node.cpu_capacity, node.memory_capacity)
-    starts = plan(epoch(now), candidates, await _running_on(conn, node_id), capacity, policy)
+    starts = plan(epoch(now), candidates, running, capacity, policy)
     if not starts:
         return []
-    return await _start(conn, node_id, starts, now, lease_seconds)
+    return await _start(conn, node_id, starts, {r.job_id: r for r in rows}, now, lease_seconds)
 
 
 async def _start(
-    conn: AsyncConnection, node_id: str, starts: list[Start], now: datetime, lease_seconds: float
+    conn: AsyncConnection,
+    node_id: str,
+    starts: list[Start],
+    window: dict[str, Any],
+    now: datetime,
+    lease_seconds: float,
 ) -> list[Claim]:
     tokens = {s.job_id: uuid.uuid4() for s in starts}
-    lease_until = now + timedelta(seconds=lease_seconds)
-    rows = (
-        await conn.execute(
-            sa.text(
-                """
-                UPDATE jobs SET status = 'running', attempts = attempts + 1, started_at = :now, worker_id = :node,
-                                lease_token = t.token, lease_expires_at = :lease_until, updated_at = :now
-                FROM unnest(CAST(:ids AS text[]), CAST(:tokens AS uuid[])) AS t(job_id, token)
-                WHERE jobs.job_id = t.job_id
-                RETURNING jobs.job_id, type, priority, payload, attempts, timeout_seconds, cpu_units, memory_mb,
-                          ready_at
-                """
-            ),
-            {
-                "now": now,
-                "node": node_id,
-                "lease_until": lease_until,
-                "ids": list(tokens),
-                "tokens": list(tokens.values()),
-            },
-        )
-    ).all()
-    by_id = {r.job_id: r for r in rows}
-    await conn.execute(
-        sa.text(
-            "INSERT INTO job_attempts (job_id, attempt, node_id, started_at, lease_token) "
-            "SELECT * FROM unnest(CAST(:ids AS text[]), CAST(:numbers AS int[]), CAST(:nodes AS text[]), "
-            "CAST(:starts AS timestamptz[]), CAST(:tokens AS uuid[]))"
-        ),
-        {
-            "ids": [s.job_id for s in starts],
-            "numbers": [by_id[s.job_id].attempts for s in starts],
-            "nodes": [node_id] * len(starts),
-            "starts": [now] * len(starts),
-            "tokens": [tokens[s.job_id] for s in starts],
-        },
-    )
-    # The node's CHECK refuses use above capacity: the database itself never oversubscribes.
-    total = Resources(sum(s.resources.cpu_units for s in starts), sum(s.resources.memory_mb for s in starts))
-    await conn.execute(
-        sa.text(
-            "UPDATE nodes SET cpu_used = cpu_used + :cpu, memory_used = memory_used + :memory WHERE node_id = :node"
-        ),
-        {"cpu": total.cpu_units, "memory": total.memory_mb, "node": node_id},
-    )
-    entries, changes, claims = [], [], []
+    numbers = {s.job_id: window[s.job_id].attempts + 1 for s in starts}  # _START_SQL starts it only if still so
+    entries, changes = [], []
     for start in starts:
-        row = by_id[start.job_id]
+        row, attempt = window[start.job_id], numbers[start.job_id]
         how = f"backfilled past {start.passed.job_id}" if start.passed else "in queue order"
         data = {"node": node_id, "cpu_units": row.cpu_units, "memory_mb": row.memory_mb, "backfill": start.backfilled}
-        entries.append(LogEntry(row.job_id, "dispatched", f"to {node_id} ({how})", now, row.attempts, data=data))
-        entries.append(LogEntry(row.job_id, "started", f"attempt {row.attempts} started", now, row.attempts))
-        changes.append(StatusChange(row.job_id, row.type, row.priority, "running", "ready", row.attempts, now))
-        claims.append(
-            Claim(
-                row.job_id,
-                row.type,
-                row.priority,
-                row.payload,
-                row.attempts,
-                tokens[row.job_id],
-                row.timeout_seconds,
-                start.resources,
-                start.backfilled,
-                row.ready_at,
-            )
+        entries.append(LogEntry(row.job_id, "dispatched", f"to {node_id} ({how})", now, attempt, data=data))
+        entries.append(LogEntry(row.job_id, "started", f"attempt {attempt} started", now, attempt))
+        changes.append(StatusChange(row.job_id, row.type, row.priority, "running", "ready", attempt, now))
+    result = (
+        await conn.execute(
+            _START_SQL,
+            {
+                "ids": list(tokens),
+                "tokens": list(tokens.values()),
+                "numbers": [numbers[job_id] for job_id in tokens],
+                "cpu": [s.resources.cpu_units for s in starts],
+                "memory": [s.resources.memory_mb for s in starts],
+                "now": now,
+                "node": node_id,
+                "lease_until": now + timedelta(seconds=lease_seconds),
+                "log_jobs": [e.job_id for e in entries],
+                "log_attempts": [e.attempt for e in entries],
+                "log_events": [e.event for e in entries],
+                "log_messages": [e.message for e in entries],
+                "log_data": [json.dumps(dict(e.data)) for e in entries],
+                "channel": CHANNEL,
+                "notice_jobs": [c.job_id for c in changes],
+                "notice_payloads": [json.dumps(c.payload(), separators=(",", ":")) for c in changes],
+            },
         )
-    await write_log(conn, entries)
-    await announce(conn, [c.payload() for c in changes])
-    return claims
+    ).one()
+    started = result.payloads or {}  # a job another node started meanwhile is not among them
+    return [
+        Claim(
+            start.job_id,
+            window[start.job_id].type,
+            window[start.job_id].priority,
+            started[start.job_id],
+            numbers[start.job_id],
+            tokens[start.job_id],
+            window[start.job_id].timeout_seconds,
+            start.resources,
+            start.backfilled,
+            window[start.job_id].ready_at,
+        )
+        for start in starts
+        if start.job_id in started
+    ]
 
 
 @dataclass(frozen=True)

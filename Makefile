@@ -34,7 +34,8 @@ lint:
 simulate: install  ## every scenario through the simulator, charts into sim-out/
 	$(BIN)/simulate scenarios/*.yaml --out sim-out
 
-evaluate: install-dev  ## regenerate evaluation_results.md from real runs
+evaluate: install-dev  ## regenerate evaluation_results.md from real runs (peers and locust included)
+	$(BIN)/pip install --quiet -e ".[dev,peers,load]"
 	$(BIN)/python -m loadtest.evaluate
 
 bench: install-dev  ## benchmarks (not part of the test run)

@@ -4,7 +4,9 @@ Starts `taskqueue serve` as a process on a fresh database and measures, in one r
 - 1000 jobs accepted one POST at a time by one client, by 16 concurrent clients,
   and as one POST /jobs/batch (dispatch paused, so only the API is measured);
 - 3000 no-op jobs drained by one node (jobs/s from resume to the last completion);
-- GET /jobs/{id} latency p50/p99 over 2000 requests.
+- GET /jobs/{id} latency p50/p99 over 2000 requests;
+- the service process's RSS before and after 100,000 jobs submitted, run and read
+  (`--rss-jobs`).
 The database is `DATABASE_URL` (a server's maintenance database) or an embedded one.
 Prints a Markdown table; `--json FILE` also writes the numbers.
 """
@@ -25,6 +27,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +61,22 @@ def fresh_database(url: str) -> Iterator[str]:
         asyncio.run(admin_execute(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+@dataclass(frozen=True)
+class Service:
+    base: str
+    pid: int
+
+
 @contextmanager
-def service(database_url: str) -> Iterator[str]:
+def service(database_url: str) -> Iterator[Service]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -79,7 +96,7 @@ def service(database_url: str) -> Iterator[str]:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        yield base
+        yield Service(base, process.pid)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
@@ -140,7 +157,23 @@ async def read_latency(client: httpx.AsyncClient, requests: int) -> tuple[float,
     return quantiles[49] * 1000, quantiles[98] * 1000
 
 
-async def measure(base: str) -> dict[str, Any]:
+async def memory_growth(client: httpx.AsyncClient, pid: int, count: int) -> dict[str, float]:
+    """RSS of the service process before and after `count` jobs are submitted (batches of
+    1000), run by its node and read back once each (a GET per job)."""
+    (await client.post("/dispatch/resume")).raise_for_status()
+    before = rss_mb(pid)
+    for start in range(0, count, 1000):
+        batch = [job("rss", i) for i in range(start, min(count, start + 1000))]
+        (await client.post("/jobs/batch", json=batch)).raise_for_status()
+    while (await client.get("/jobs", params={"status": ["ready", "running"], "limit": 1})).json()["items"]:
+        await asyncio.sleep(0.5)
+    for i in range(0, count, max(1, count // 2000)):  # a sample of reads, spread over all of them
+        (await client.get(f"/jobs/rss_{i:05d}")).raise_for_status()
+    after = rss_mb(pid)
+    return {"jobs": count, "before_mb": before, "after_mb": after, "growth_mb": after - before}
+
+
+async def measure(base: str, pid: int, rss_jobs: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=32)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
         (await client.post("/dispatch/pause")).raise_for_status()
@@ -152,15 +185,17 @@ async def measure(base: str) -> dict[str, Any]:
             "post_16_clients_jobs_per_s": await concurrent(client, "conc", 1000, 16),
             "post_batch_jobs_per_s": await one_batch(client, "batch", 1000),
             "get_job_ms": dict(zip(("p50", "p99"), await read_latency(client, 2000), strict=True)),
+            "rss": await memory_growth(client, pid, rss_jobs) if rss_jobs else None,
         }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--rss-jobs", type=int, default=100_000, help="jobs run for the memory measure (0: skip)")
     args = parser.parse_args()
-    with server_url() as url, fresh_database(url) as database, service(database) as base:
-        results = asyncio.run(measure(base))
+    with server_url() as url, fresh_database(url) as database, service(database) as running:
+        results = asyncio.run(measure(running.base, running.pid, args.rss_jobs))
     print("| measure | value |\n|---|---|")
     print(f"| 1000 POST /jobs, one client | {results['post_sequential_jobs_per_s']:.0f} jobs/s |")
     print(f"| 1000 POST /jobs, 16 concurrent clients | {results['post_16_clients_jobs_per_s']:.0f} jobs/s |")
@@ -168,6 +203,11 @@ def main() -> None:
     print(f"| drain 3000 no-op jobs on one node | {results['drain_jobs_per_s']:.0f} jobs/s |")
     latency = results["get_job_ms"]
     print(f"| GET /jobs/{{id}} p50 / p99 | {latency['p50']:.1f} / {latency['p99']:.1f} ms |")
+    if (rss := results["rss"]) is not None:
+        print(
+            f"| service RSS before / after {rss['jobs']:,} jobs | {rss['before_mb']:.0f} / {rss['after_mb']:.0f} MB "
+            f"(+{rss['growth_mb']:.1f} MB) |"
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

@@ -14,7 +14,7 @@ transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Final
 
@@ -329,19 +329,6 @@ QUEUE_COUNTER_DROPS: Final = (
 )
 
 
-def _create_counter_triggers(target: sa.MetaData, connection: sa.Connection, **_: object) -> None:
-    for statement in (*QUEUE_COUNTER_FUNCTIONS, *QUEUE_COUNTER_TRIGGERS):
-        connection.exec_driver_sql(statement)
-
-
-def _drop_counter_functions(target: sa.MetaData, connection: sa.Connection, **_: object) -> None:
-    for statement in QUEUE_COUNTER_DROPS:  # the triggers went with the jobs table
-        connection.exec_driver_sql(statement)
-
-
-sa.event.listen(metadata, "after_create", _create_counter_triggers)
-sa.event.listen(metadata, "after_drop", _drop_counter_functions)
-
 # Queue position without counting the ready jobs ahead (SPEC §4 `position_in_queue`).
 # The ready queue is ordered by a static sort_key (seconds), so it is cut into
 # buckets of 1 s, 1 min, 1 h and 1 day of sort_key, and a statement-level trigger
@@ -445,18 +432,23 @@ QUEUE_RANK_DROPS: Final = (
 )
 
 
-def _create_rank_triggers(target: sa.MetaData, connection: sa.Connection, **_: object) -> None:
-    for statement in (*QUEUE_RANK_FUNCTIONS, *QUEUE_RANK_TRIGGERS):
-        connection.exec_driver_sql(statement)
+def _executor(statements: Sequence[str]) -> Callable[..., None]:
+    """A metadata event listener that runs `statements` in order."""
+
+    def execute(target: sa.MetaData, connection: sa.Connection, **_: object) -> None:
+        for statement in statements:
+            connection.exec_driver_sql(statement)
+
+    return execute
 
 
-def _drop_rank_functions(target: sa.MetaData, connection: sa.Connection, **_: object) -> None:
-    for statement in QUEUE_RANK_DROPS:
-        connection.exec_driver_sql(statement)
-
-
-sa.event.listen(metadata, "after_create", _create_rank_triggers)
-sa.event.listen(metadata, "after_drop", _drop_rank_functions)
+# The trigger machinery after create_all; dropping the jobs table took the triggers with it.
+sa.event.listen(
+    metadata,
+    "after_create",
+    _executor((*QUEUE_COUNTER_FUNCTIONS, *QUEUE_COUNTER_TRIGGERS, *QUEUE_RANK_FUNCTIONS, *QUEUE_RANK_TRIGGERS)),
+)
+sa.event.listen(metadata, "after_drop", _executor((*QUEUE_COUNTER_DROPS, *QUEUE_RANK_DROPS)))
 
 # Operators pause and resume dispatch on every node (SPEC §12): one row, read by each claim.
 dispatch_control = sa.Table(

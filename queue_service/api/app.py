@@ -8,6 +8,7 @@ and closes it in reverse on shutdown. Nothing is built at import time.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,7 +17,7 @@ from fastapi import Depends, FastAPI
 
 from queue_service.api import errors
 from queue_service.api.deps import require_api_key
-from queue_service.api.routes import admin, dead_letter, dispatch, health, jobs, metrics, schedules, stream
+from queue_service.api.routes import admin, dead_letter, dispatch, docs, health, jobs, metrics, schedules, stream
 from queue_service.api.schemas import REQUEST_BODY_MODELS
 from queue_service.observability.fanout import EventHub
 from queue_service.runtime import open_runtime
@@ -38,7 +39,38 @@ class QueueAPI(FastAPI):
             model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
             components.update(model_schema.pop("$defs", {}))
             components[model.__name__] = model_schema
+        _document_errors(schema)
+        # Omitted means "generate one"; an explicit null is refused by the parser, so not offered.
+        job_id = components["JobCreate"]["properties"]["job_id"]
+        string = next(option for option in job_id.pop("anyOf", [job_id]) if option.get("type") == "string")
+        job_id.update(string)
         return schema
+
+
+PROBLEM_JSON_CONTENT = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+OPEN_PATHS = frozenset({"/health", "/ready"})  # SPEC §12: everything else needs the key, when keys are set
+
+
+def _document_errors(schema: dict[str, Any]) -> None:
+    """Say in the document what errors.py does: every error is problem+json (FastAPI would
+    write application/json, and its own model for 422), any protected operation may answer
+    401, one with a job id in its path 404, one with a body 400 for undecodable JSON."""
+    for path, operations in schema.get("paths", {}).items():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            for status, response in responses.items():
+                if status.startswith(("4", "5")):
+                    response["content"] = copy.deepcopy(PROBLEM_JSON_CONTENT)
+            extra = {
+                "401": path not in OPEN_PATHS and "missing or wrong API key (when keys are configured)",
+                "404": "{job_id}" in path and "no such job",
+                "400": "requestBody" in operation and "the body is not JSON",
+            }
+            for status, description in extra.items():
+                if description:
+                    responses.setdefault(
+                        status, {"description": description, "content": copy.deepcopy(PROBLEM_JSON_CONTENT)}
+                    )
 
 
 def create_app(settings: Settings, *, run_worker: bool) -> FastAPI:
@@ -63,6 +95,10 @@ def create_app(settings: Settings, *, run_worker: bool) -> FastAPI:
         version=VERSION,
         description="A PostgreSQL-backed job queue: priorities with aging, dependencies, resources, retries.",
         lifespan=lifespan,
+        # Served by routes.docs instead, behind the API key like everything but /health and /ready.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.runtime = None
@@ -75,6 +111,7 @@ def create_app(settings: Settings, *, run_worker: bool) -> FastAPI:
     app.include_router(dispatch.router, dependencies=protected)
     app.include_router(schedules.router, dependencies=protected)
     app.include_router(metrics.router, dependencies=protected)
+    app.include_router(docs.router, dependencies=protected)
     app.include_router(stream.router)  # authenticates itself: a browser's WebSocket sends ?token=
     admin.install(app, protected)  # the page shell is open (it holds no data); its data API is not
     return app

@@ -10,8 +10,10 @@ unreachable), never a stack trace and never a non-JSON body.
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from http import HTTPStatus
 from typing import Any, Final
 
@@ -20,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from queue_service.core.errors import (
@@ -122,13 +125,42 @@ async def request_validation_handler(request: Request, error: Exception) -> JSON
     return problem(422, "validation_error", detail, errors=errors)
 
 
+@functools.cache
+def _path_pattern(path: str) -> re.Pattern[str]:
+    return compile_path(path)[0]
+
+
+def _routes_matching(routes: Iterable[Any], path: str) -> Iterator[tuple[str, set[str]]]:
+    """(path template, methods) of every HTTP route whose template matches `path`."""
+    for route in routes:
+        branch = getattr(route, "effective_candidates", None)
+        if callable(branch):  # an included router (FastAPI keeps them as branches): its own routes
+            yield from _routes_matching(branch(), path)
+            low_priority = getattr(route, "effective_low_priority_routes", None)
+            if callable(low_priority):
+                yield from _routes_matching(low_priority(), path)
+        elif (methods := getattr(route, "methods", None)) and _path_pattern(route.path).match(path):
+            yield route.path, set(methods)
+
+
+def _methods_of(routes: Iterable[Any], path: str) -> set[str]:
+    """The methods the resource at `path` supports. A literal route (`/jobs/batch`) is its
+    own resource, not one of the ids a template beside it (`/jobs/{job_id}`) would match."""
+    matching = list(_routes_matching(routes, path))
+    literal = [methods for template, methods in matching if template == path]
+    return set().union(*(literal or [methods for _, methods in matching]))
+
+
 async def http_error_handler(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     where = f"{request.method} {request.url.path}"
     if error.status_code == 404:
         return problem(404, "not_found", f"{where}: no such resource", headers=error.headers)
-    if error.status_code == 405:  # Starlette's Allow header rides along
-        return problem(405, "method_not_allowed", f"{where}: method not allowed", headers=error.headers)
+    if error.status_code == 405:
+        # Starlette's Allow names only the first route matching the path; RFC 9110 wants them all.
+        allowed = ", ".join(sorted(_methods_of(request.app.routes, request.url.path)))
+        headers = {**(error.headers or {}), "Allow": allowed} if allowed else error.headers
+        return problem(405, "method_not_allowed", f"{where}: method not allowed", headers=headers)
     code = HTTPStatus(error.status_code).phrase.lower().replace(" ", "_")
     return problem(error.status_code, code, str(error.detail), headers=error.headers)
 

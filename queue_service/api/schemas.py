@@ -22,14 +22,16 @@ JobId = Annotated[str, Field(pattern=c.JOB_ID_PATTERN, examples=["job_3f9a1c2b7d
 class ResourceRequirementsCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    cpu_units: int = Field(default=c.DEFAULT_CPU_UNITS, ge=1)
-    memory_mb: int = Field(default=c.DEFAULT_MEMORY_MB, ge=1)
+    cpu_units: int = Field(default=c.DEFAULT_CPU_UNITS, ge=1, le=c.MAX_WHOLE_NUMBER)
+    memory_mb: int = Field(default=c.DEFAULT_MEMORY_MB, ge=1, le=c.MAX_WHOLE_NUMBER)
 
 
 class RetryConfigCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_attempts: int = Field(default=c.DEFAULT_MAX_ATTEMPTS, ge=1, description="counts the first run")
+    max_attempts: int = Field(
+        default=c.DEFAULT_MAX_ATTEMPTS, ge=1, le=c.MAX_WHOLE_NUMBER, description="counts the first run"
+    )
     backoff_multiplier: float = Field(default=c.DEFAULT_BACKOFF_MULTIPLIER, ge=1)
     initial_delay_seconds: float = Field(default=c.DEFAULT_INITIAL_DELAY_SECONDS, ge=0)
     max_delay_seconds: float = Field(default=c.DEFAULT_MAX_DELAY_SECONDS, ge=0, description="≥ initial_delay_seconds")

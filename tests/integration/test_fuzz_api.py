@@ -12,7 +12,6 @@ counted and written to the terminal summary.
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,10 +23,10 @@ import pytest
 import schemathesis
 from fastapi import FastAPI
 from schemathesis import Case
+from schemathesis.checks import CheckFunction
 from schemathesis.core.transport import Response
 from schemathesis.python import asgi as schemathesis_asgi
 from schemathesis.specs.openapi.checks import (
-    allow_header_conformance,
     negative_data_rejection,
     positive_data_acceptance,
 )
@@ -90,57 +89,14 @@ def served_document() -> dict[str, Any]:
     return create_app(Settings(), run_worker=False).openapi()
 
 
-def as_served(document: dict[str, Any]) -> dict[str, Any]:
-    """The document amended where it does not say what the service does; each amendment is a
-    documentation bug pinned by a strict xfail test below, so fixing one fails that test and
-    the amendment can go. Everything else about the responses is still checked.
-
-    - Errors: FastAPI documents `responses={4xx: {"model": Problem}}` as application/json
-      and its own 422 as `HTTPValidationError`, while errors.py answers every error as
-      application/problem+json (SPEC §4).
-    - `JobCreate.job_id` is declared nullable, but the parser refuses `"job_id": null`.
-    - Whole numbers are stored in 32 bits and refused beyond, undeclared.
-    - Every operation can answer 401 (with API keys set), a path with a job id 404, and a
-      body FastAPI parses 400 on undecodable JSON, though not all of them declare it.
-    """
-    patched = copy.deepcopy(document)
-    problem = {"description": "problem details", "content": {PROBLEM_JSON: {"schema": {"$ref": PROBLEM_REF}}}}
-    for path, operations in patched["paths"].items():
-        for operation in operations.values():
-            responses = operation.setdefault("responses", {})
-            for status, response in responses.items():
-                if status.startswith(("4", "5")):
-                    response["content"] = copy.deepcopy(problem["content"])
-            if path not in OPEN_PATHS:
-                responses.setdefault("401", copy.deepcopy(problem))
-            if "requestBody" in operation:  # FastAPI-parsed bodies answer undecodable JSON with 400
-                responses.setdefault("400", copy.deepcopy(problem))
-            if "{job_id}" in path:
-                responses.setdefault("404", copy.deepcopy(problem))
-    components = patched["components"]["schemas"]
-    components["JobCreate"]["properties"]["job_id"] = {"$ref": JOB_ID_REF}
-    for model, name in WHOLE_NUMBERS:
-        components[model]["properties"][name]["maximum"] = c.MAX_WHOLE_NUMBER
-    return patched
-
-
-PROBLEM_REF = "#/components/schemas/Problem"
 WHOLE_NUMBERS = (
     ("ResourceRequirementsCreate", "cpu_units"),
     ("ResourceRequirementsCreate", "memory_mb"),
     ("RetryConfigCreate", "max_attempts"),
 )
-JOB_ID_REF = "#/components/schemas/JobId"
 
 
-def _with_job_id_schema(document: dict[str, Any]) -> dict[str, Any]:
-    job_id = document["components"]["schemas"]["JobCreate"]["properties"]["job_id"]
-    string = next(option for option in job_id.get("anyOf", [job_id]) if option.get("type") == "string")
-    document["components"]["schemas"]["JobId"] = {k: v for k, v in string.items() if k != "title"}
-    return document
-
-
-schema = schemathesis.openapi.from_dict(as_served(_with_job_id_schema(served_document())))
+schema = schemathesis.openapi.from_dict(served_document())
 
 
 class DeferredApp:
@@ -217,10 +173,7 @@ def redrive_filter_with_nul(case: Case[Any]) -> bool:
 # positive_data_acceptance: replaced by schema_valid_requests_parse above.
 # negative_data_rejection: FastAPI ignores query parameters it does not declare, as most HTTP APIs
 #   do, and pydantic reads a number as a Unix timestamp (`created_before=0.5`); neither is a fault.
-# allow_header_conformance: Starlette's 405 lists in Allow only the methods of the first route
-#   on the path; pinned by test_405_allow_lists_every_method_of_the_path (the 405 itself is
-#   still checked, by unsupported_method).
-EXCLUDED_CHECKS = [positive_data_acceptance, negative_data_rejection, allow_header_conformance]
+EXCLUDED_CHECKS: list[CheckFunction] = [positive_data_acceptance, negative_data_rejection]
 
 
 @pytest.mark.usefixtures("fuzzed_app")
@@ -246,7 +199,7 @@ def test_every_operation_answers_within_its_contract(case: Case[Any]) -> None:
     )
 
 
-# -- the documentation gaps amended in as_served(), pinned so a fix is noticed ----------------
+# -- the document says what the service does ---------------------------------------------------
 
 
 def _operations(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
@@ -255,7 +208,6 @@ def _operations(document: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, 
             yield method.upper(), path, operation
 
 
-@pytest.mark.xfail(strict=True, reason="doc gap: error responses are documented as application/json")
 def test_the_schema_documents_errors_as_problem_json() -> None:
     for method, path, operation in _operations(served_document()):
         for status, response in operation.get("responses", {}).items():
@@ -263,7 +215,6 @@ def test_the_schema_documents_errors_as_problem_json() -> None:
                 assert list(response.get("content", {})) == [PROBLEM_JSON], (method, path, status)
 
 
-@pytest.mark.xfail(strict=True, reason="doc gap: 401 (with API keys), 404 on job paths and 400 are undeclared")
 def test_the_schema_declares_every_error_status_served() -> None:
     for method, path, operation in _operations(served_document()):
         declared = set(operation.get("responses", {}))
@@ -273,20 +224,17 @@ def test_the_schema_declares_every_error_status_served() -> None:
         assert expected <= declared, (method, path, sorted(expected - declared))
 
 
-@pytest.mark.xfail(strict=True, reason="doc/parser gap: JobCreate.job_id is declared nullable, null is refused")
 def test_job_id_is_not_declared_nullable() -> None:
     job_id = served_document()["components"]["schemas"]["JobCreate"]["properties"]["job_id"]
     assert {"type": "null"} not in job_id.get("anyOf", [])
 
 
-@pytest.mark.xfail(strict=True, reason="doc gap: the 32-bit limit of whole numbers is not declared")
 def test_whole_number_limits_are_declared() -> None:
     components = served_document()["components"]["schemas"]
     for model, name in WHOLE_NUMBERS:
         assert components[model]["properties"][name].get("maximum") == c.MAX_WHOLE_NUMBER, (model, name)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a 405's Allow lists only the first route's methods (RFC 9110 §15.5.6)")
 async def test_405_allow_lists_every_method_of_the_path() -> None:
     app = create_app(Settings(), run_worker=False)  # routing answers a 405 before anything needs the runtime
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE_URL) as client:

@@ -50,7 +50,7 @@ WRONG_HEADERS: tuple[dict[str, str], ...] = (
     {"Authorization": KEYS[0]},
 )
 OPEN_PATHS = frozenset({"/health", "/ready"})
-# FastAPI's documentation routes: open, against SPEC §12; see test_the_api_documentation_needs_the_key.
+# The documentation routes (routes/docs.py): protected like the API; see test_the_api_documentation_needs_the_key.
 DOC_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 # The admin page shell and its script and stylesheet are open by design (routes/admin.py): a
 # browser navigation cannot send a bearer header, and they hold no data; the page asks for a key
@@ -103,7 +103,7 @@ def concrete(path: str) -> str:
 
 
 def protected(path: str) -> bool:
-    return path not in OPEN_PATHS and path not in DOC_PATHS and not ADMIN_SHELL.match(path)
+    return path not in OPEN_PATHS and not ADMIN_SHELL.match(path)
 
 
 # -- keys at rest and compared -----------------------------------------------------------------
@@ -186,11 +186,6 @@ async def test_the_admin_shell_holds_no_data(locked: Api) -> None:
     assert_problem(await locked.client.get("/admin/api/jobs/secret-job"), 401, "unauthorized")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gap: /openapi.json, /docs and /redoc answer without the key, though SPEC §12 exempts only "
-    "/health and /ready (create_app leaves FastAPI's documentation routes unprotected)",
-)
 async def test_the_api_documentation_needs_the_key(locked: Api) -> None:
     for path in sorted(DOC_PATHS):
         assert_problem(await locked.client.get(path), 401, "unauthorized")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 import uuid
@@ -46,6 +47,40 @@ class NodeObserver(Protocol):
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+ABANDON_AFTER_SECONDS = 2.0  # how long a cancelled handler gets to stop before it is left running unwatched
+
+
+class HandlerExit(Exception):
+    """A handler raised SystemExit or KeyboardInterrupt: its attempt fails, the worker goes on."""
+
+
+async def _contained(handler: Any, context: JobContext) -> Any:
+    # An asyncio task re-raises SystemExit and KeyboardInterrupt out of the event loop,
+    # so they are turned into an ordinary exception before they leave the handler's task.
+    try:
+        return await handler(context)
+    except (SystemExit, KeyboardInterrupt) as error:
+        raise HandlerExit(f"{type(error).__name__}: {error}".rstrip(": ")) from error
+
+
+async def _cancel_or_abandon(task: asyncio.Future[Any], context: JobContext) -> bool:
+    """Cancel a handler's task and wait a little for it; False if it would not stop."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=ABANDON_AFTER_SECONDS)
+    if done:
+        if not task.cancelled():
+            task.exception()  # retrieved, so asyncio does not log it as never retrieved
+        return True
+    task.add_done_callback(lambda ended: ended.cancelled() or ended.exception())  # whenever it ends: no noise
+    log.error(
+        "%s attempt %d ignored cancellation for %.0fs; abandoned (its resources are released)",
+        context.job_id,
+        context.attempt,
+        ABANDON_AFTER_SECONDS,
+    )
+    return False
 
 
 @dataclass
@@ -229,15 +264,35 @@ class WorkerNode:
 
     @staticmethod
     async def _execute(handler: Any, context: JobContext, timeout: float) -> AttemptEnd:
+        """Run a handler in a task of its own, so that one ignoring cancellation cannot
+        hold the node: past its timeout (or when the attempt is cancelled) it is cancelled,
+        and if it is still running ABANDON_AFTER_SECONDS later, it is left to itself and
+        the attempt ends without it. A handler's exit (SystemExit, KeyboardInterrupt) ends
+        the attempt, never the worker; a result JSON cannot carry fails the attempt."""
+        task = asyncio.ensure_future(_contained(handler, context))
         try:
-            async with asyncio.timeout(timeout):
-                result = await handler(context)
-        except TimeoutError:
-            return AttemptEnd(AttemptOutcome.TIMED_OUT, f"timed out after {timeout:g}s")
+            done, _ = await asyncio.wait({task}, timeout=timeout)
+        except asyncio.CancelledError:  # cancelled or interrupted: the handler goes too
+            await _cancel_or_abandon(task, context)
+            raise
+        if not done:
+            abandoned = not await _cancel_or_abandon(task, context)
+            reason = f"timed out after {timeout:g}s" + (" (ignored cancellation; abandoned)" if abandoned else "")
+            return AttemptEnd(AttemptOutcome.TIMED_OUT, reason)
+        try:
+            result = task.result()
         except PermanentError as error:
             return AttemptEnd(AttemptOutcome.PERMANENT_FAILURE, f"{type(error).__name__}: {error}")
+        except HandlerExit as error:
+            return AttemptEnd(AttemptOutcome.FAILED, str(error))
         except Exception as error:
             return AttemptEnd(AttemptOutcome.FAILED, f"{type(error).__name__}: {error}")
+        except asyncio.CancelledError:  # the handler cancelled itself
+            return AttemptEnd(AttemptOutcome.FAILED, "the handler was cancelled from within")
+        try:
+            json.dumps(result)
+        except (TypeError, ValueError) as error:
+            return AttemptEnd(AttemptOutcome.FAILED, f"the handler's result is not JSON: {error}")
         return AttemptEnd(AttemptOutcome.SUCCEEDED, result=result)
 
     async def _record(self, claim: Claim, end: AttemptEnd) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from queue_service.api.submission import parse_one
 from queue_service.core.model import Resources
@@ -40,7 +41,7 @@ LEASE_SECONDS = 2.0
 
 
 class Worker:
-    def __init__(self, url: str, node_id: str, cpu: int) -> None:
+    def __init__(self, url: str, node_id: str, cpu: int, **environment: str) -> None:
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         env = {
             **os.environ,
@@ -48,6 +49,7 @@ class Worker:
             "TASKQUEUE_LEASE_SECONDS": str(LEASE_SECONDS),
             "TASKQUEUE_POLL_INTERVAL_SECONDS": "0.3",
             "TASKQUEUE_LEADER_INTERVAL_SECONDS": "0.5",
+            **environment,
         }
         self.process = subprocess.Popen(
             [TASKQUEUE, "worker", "--node-id", node_id, "--cpu-units", str(cpu), "--memory-mb", str(cpu * 512)],
@@ -88,22 +90,37 @@ def document(i: int) -> dict[str, Any]:
     return body
 
 
+async def submit(engine: AsyncEngine, documents: list[dict[str, Any]]) -> None:
+    settings = Settings()
+    for start in range(0, len(documents), 500):
+        pairs = [parse_one(body) for body in documents[start : start + 500]]
+        async with engine.begin() as conn:
+            await jobs.submit(
+                conn,
+                [s for s, _ in pairs],
+                [h for _, h in pairs],
+                datetime.now(UTC),
+                settings.policy_config(),
+                [Resources(8, 4096)],
+            )
+
+
+async def statuses_when_settled(engine: AsyncEngine, timeout: float = 120) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(sa.text("SELECT status, count(*) FROM jobs GROUP BY status"))).all()
+        statuses: dict[str, int] = {status: count for status, count in rows}
+        if set(statuses) <= {"completed", "failed", "cancelled"} or time.monotonic() > deadline:
+            return statuses
+        await asyncio.sleep(0.5)
+
+
 async def test_kill_9_in_a_loop_loses_nothing_and_overlaps_nothing(migrated_url: str) -> None:
-    settings = Settings(database_url=migrated_url)
-    engine = create_engine(settings)
+    engine = create_engine(Settings(database_url=migrated_url))
     workers: dict[str, Worker] = {}
     try:
-        for start in range(0, JOBS, 500):
-            pairs = [parse_one(document(i)) for i in range(start, start + 500)]
-            async with engine.begin() as conn:
-                await jobs.submit(
-                    conn,
-                    [s for s, _ in pairs],
-                    [h for _, h in pairs],
-                    datetime.now(UTC),
-                    settings.policy_config(),
-                    [Resources(8, 4096)],
-                )
+        await submit(engine, [document(i) for i in range(JOBS)])
         workers = {node: Worker(migrated_url, node, cpu) for node, cpu in NODES.items()}
         names = list(NODES)
         for kill in range(KILLS):
@@ -112,22 +129,8 @@ async def test_kill_9_in_a_loop_loses_nothing_and_overlaps_nothing(migrated_url:
             workers[victim].kill()  # mid-attempt: its leases lapse, the leader returns its jobs
             workers[victim] = Worker(migrated_url, victim, NODES[victim])  # and it comes back
 
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            async with engine.connect() as conn:
-                unfinished = (
-                    await conn.execute(
-                        sa.text("SELECT count(*) FROM jobs WHERE status NOT IN ('completed', 'failed', 'cancelled')")
-                    )
-                ).scalar_one()
-            if unfinished == 0:
-                break
-            await asyncio.sleep(0.5)
-
+        statuses = await statuses_when_settled(engine)
         async with engine.connect() as conn:
-            statuses: dict[str, int] = dict(
-                (await conn.execute(sa.text("SELECT status, count(*) FROM jobs GROUP BY status"))).all()
-            )
             lost = (
                 await conn.execute(sa.text("SELECT count(*) FROM job_attempts WHERE outcome = 'worker_lost'"))
             ).scalar_one()
@@ -174,3 +177,46 @@ async def test_kill_9_in_a_loop_loses_nothing_and_overlaps_nothing(migrated_url:
     assert overlapping == 0
     for node, cpu in NODES.items():
         assert peaks[node] <= cpu, (node, peaks[node])
+
+
+async def test_sigterm_under_load_finishes_or_requeues_and_loses_nothing(migrated_url: str) -> None:
+    engine = create_engine(Settings(database_url=migrated_url))
+    leaving: Worker | None = None
+    staying: Worker | None = None
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, nodes CASCADE"))
+        slow = [
+            {
+                "job_id": f"t{i:03d}",
+                "type": "sigterm",
+                "payload": {"simulate": {"duration_seconds": 0.2 + (i % 4) * 0.4}},
+            }
+            for i in range(200)
+        ]
+        await submit(engine, slow)
+        leaving = Worker(migrated_url, "term-a", 8, TASKQUEUE_SHUTDOWN_GRACE_SECONDS="0.5")
+        await asyncio.sleep(3)  # well into the load: attempts of every length are running
+        leaving.process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(leaving.process.wait, 20)
+        staying = Worker(migrated_url, "term-b", 8)
+        statuses = await statuses_when_settled(engine)
+        async with engine.connect() as conn:
+            outcomes: dict[str, int] = dict(
+                (
+                    await conn.execute(
+                        sa.text("SELECT outcome, count(*) FROM job_attempts WHERE node_id = 'term-a' GROUP BY outcome")
+                    )
+                ).all()
+            )
+    finally:
+        for worker in (leaving, staying):
+            if worker is not None:
+                worker.stop()
+        await engine.dispose()
+    print(f"\nSIGTERM under load: exit {exit_code}, the stopped node's attempts {outcomes}, then {statuses}")
+    assert exit_code == 0
+    assert outcomes.get("interrupted", 0) > 0  # the grace ran out for the long ones: back to the queue
+    assert outcomes.get("succeeded", 0) > 0  # the short ones finished
+    assert set(outcomes) <= {"succeeded", "interrupted"}  # nothing lost, nothing failed by the stop
+    assert statuses == {"completed": 200}

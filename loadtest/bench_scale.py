@@ -289,7 +289,7 @@ def quantiles(timings: list[float]) -> dict[str, float]:
 async def measure_table(table: Table, reps: int, explain_out: list[str]) -> dict[str, dict[str, float]]:
     async with fresh_database(server_url(), "tq_scale") as url:
         await migrate.upgrade(url)
-        settings = Settings(database_url=url)
+        settings = Settings(database_url=url, db_command_timeout_seconds=None)  # seeding 1M rows is one long statement
         engine = create_engine(settings, application_name="bench-scale")
         capture = Capture()
         event.listen(engine.sync_engine, "before_cursor_execute", capture)

@@ -35,6 +35,11 @@ DEFAULT_POLL_INTERVAL_SECONDS: Final = 1.0  # fallback when a NOTIFY is missed
 HEARTBEATS_PER_LEASE: Final = 3  # a lease survives two lost heartbeats
 DEFAULT_DB_POOL_SIZE: Final = 10
 DEFAULT_DB_MAX_OVERFLOW: Final = 10
+# A database that stops answering (a partition drops packets; TCP notices only after
+# minutes) must fail a statement, not hang the node that sent it: its lease loops,
+# its recorder and its dispatch retry on the next connection.
+DEFAULT_DB_CONNECT_TIMEOUT_SECONDS: Final = 10.0
+DEFAULT_DB_COMMAND_TIMEOUT_SECONDS: Final = 60.0
 DEFAULT_LEADER_INTERVAL_SECONDS: Final = 1.0  # the leader's tick (cron resolution) and a standby's retry (fail-over)
 DEFAULT_STREAM_BUFFER: Final = 1000  # events queued for one WebSocket client before it is dropped as too slow
 DEFAULT_STREAM_HEARTBEAT_SECONDS: Final = 15.0  # below common proxy idle timeouts (30-60 s)
@@ -128,6 +133,10 @@ class Settings(BaseSettings):
 
     db_pool_size: int = Field(default=DEFAULT_DB_POOL_SIZE, ge=1)
     db_max_overflow: int = Field(default=DEFAULT_DB_MAX_OVERFLOW, ge=0)
+    db_connect_timeout_seconds: float = Field(default=DEFAULT_DB_CONNECT_TIMEOUT_SECONDS, gt=0)
+    db_command_timeout_seconds: float | None = Field(
+        default=DEFAULT_DB_COMMAND_TIMEOUT_SECONDS, gt=0, description="a statement running longer fails; unset: none"
+    )
 
     stream_buffer: int = Field(default=DEFAULT_STREAM_BUFFER, ge=1, description="events per WebSocket client")
     stream_heartbeat_seconds: float = Field(default=DEFAULT_STREAM_HEARTBEAT_SECONDS, gt=0)

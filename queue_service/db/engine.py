@@ -68,7 +68,9 @@ def create_engine(settings: Settings, url: str | None = None, *, application_nam
         # connection the server dropped fails once, is invalidated by SQLAlchemy, and the
         # callers (worker loops, API deadlock/availability handling) retry.
         connect_args={
-            "server_settings": {**SERVER_SETTINGS, "application_name": application_name or DEFAULT_APPLICATION_NAME}
+            "server_settings": {**SERVER_SETTINGS, "application_name": application_name or DEFAULT_APPLICATION_NAME},
+            "timeout": settings.db_connect_timeout_seconds,
+            "command_timeout": settings.db_command_timeout_seconds,
         },
     )
 

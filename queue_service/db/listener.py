@@ -1,6 +1,10 @@
 """LISTEN on the events channel from a dedicated connection, outside the pool,
 and hand each decoded message to the subscribers. Reconnects after a failure;
-while it is down, the worker's polling fallback keeps dispatch going."""
+while it is down, the worker's polling fallback keeps dispatch going.
+
+A listening connection sends nothing, so a link that silently stops carrying
+packets (a partition) would never be noticed: a round trip every
+`CHECK_SECONDS` finds it, and every wait on the network is bounded."""
 
 from __future__ import annotations
 
@@ -17,6 +21,8 @@ from queue_service.db.engine import asyncpg_dsn
 from queue_service.db.events import CHANNEL
 
 RECONNECT_SECONDS: Final = 1.0
+CHECK_SECONDS: Final = 5.0
+NETWORK_TIMEOUT_SECONDS: Final = 5.0  # connect, the round trip, and closing
 log = logging.getLogger(__name__)
 
 Subscriber = Callable[[dict[str, Any]], None]
@@ -65,18 +71,23 @@ class EventListener:
         while True:
             connection = None
             try:
-                connection = await asyncpg.connect(self._dsn)
+                connection = await asyncpg.connect(self._dsn, timeout=NETWORK_TIMEOUT_SECONDS)
                 lost = asyncio.Event()
                 connection.add_termination_listener(_setter(lost))
                 await connection.add_listener(CHANNEL, self._deliver)
                 self.connected.set()
                 # Whatever was announced while we were away is covered by a wake-up.
                 self._deliver(None, 0, CHANNEL, '{"event": "dispatch.wake"}')
-                await lost.wait()
-            except (OSError, asyncpg.PostgresError) as error:
-                log.warning("event listener disconnected: %s", error)
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), timeout=CHECK_SECONDS)
+                    if not lost.is_set():
+                        await connection.fetchval("SELECT 1", timeout=NETWORK_TIMEOUT_SECONDS)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:  # TimeoutError is an OSError
+                log.warning("event listener disconnected: %s: %s", type(error).__name__, error)
             finally:
                 self.connected.clear()
                 if connection is not None and not connection.is_closed():
-                    await connection.close()
+                    with contextlib.suppress(Exception):  # past the timeout asyncpg terminates it: gone either way
+                        await connection.close(timeout=NETWORK_TIMEOUT_SECONDS)
             await asyncio.sleep(RECONNECT_SECONDS)

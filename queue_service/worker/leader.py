@@ -129,7 +129,9 @@ class Leader:
         )
         lost = asyncio.Event()
         connection.add_termination_listener(lambda _connection: lost.set())
-        while not await connection.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY):
+        while not await connection.fetchval(
+            "SELECT pg_try_advisory_lock($1)", LEADER_LOCK_KEY, timeout=CONNECT_TIMEOUT_SECONDS
+        ):
             await self._wait(lost, self.settings.leader_interval_seconds)
         self.terms += 1
         self.leading.set()

@@ -151,11 +151,15 @@ class WorkerNode:
                 await loop
         if self._unsubscribe is not None:
             self._unsubscribe()
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                sa.text("UPDATE nodes SET status = 'stopped', heartbeat_at = :now WHERE node_id = :node"),
-                {"now": self.clock(), "node": self.node_id},
-            )
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    sa.text("UPDATE nodes SET status = 'stopped', heartbeat_at = :now WHERE node_id = :node"),
+                    {"now": self.clock(), "node": self.node_id},
+                )
+        except Exception as error:  # the database is away: the row goes stale, and the reaper knows stale rows
+            log.warning("node %s stopped without deregistering: %s: %s", self.node_id, type(error).__name__, error)
+            return
         log.info("node %s stopped", self.node_id)
 
     async def _register(self) -> None:

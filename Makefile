@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test install install-dev lint unit simulate bench evaluate clean
+.PHONY: serve test install install-dev lint unit simulate bench evaluate soak clean
 
 serve: install  ## install, then run the API and one worker node (embedded PostgreSQL without DATABASE_URL)
 	$(BIN)/taskqueue serve
@@ -41,6 +41,9 @@ evaluate: install-dev  ## regenerate evaluation_results.md from real runs (peers
 bench: install-dev  ## benchmarks (not part of the test run)
 	$(BIN)/python -m loadtest.bench_simulator
 	$(BIN)/python -m loadtest.bench_service
+
+soak: install-dev  ## 30 minutes of mixed traffic with a worker kill -9 every minute; PASS only if nothing is lost or run twice
+	$(BIN)/python -m loadtest.soak --minutes 30
 
 clean:
 	rm -rf $(VENV) sim-out .pytest_cache .mypy_cache .ruff_cache

@@ -513,10 +513,28 @@ async def renew_leases(
             {"until": now + timedelta(seconds=lease_seconds), "node": node_id, "tokens": tokens},
         )
         held = {r.lease_token for r in rows}
+    # A node the reaper gave up on comes back with its first heartbeat.
     await conn.execute(
-        sa.text("UPDATE nodes SET heartbeat_at = :now WHERE node_id = :node"), {"now": now, "node": node_id}
+        sa.text(
+            "UPDATE nodes SET heartbeat_at = :now, status = CASE WHEN status = 'lost' THEN 'active' ELSE status END "
+            "WHERE node_id = :node"
+        ),
+        {"now": now, "node": node_id},
     )
     return held
+
+
+async def mark_lost_nodes(conn: AsyncConnection, now: datetime, lease_seconds: float) -> list[str]:
+    """Nodes silent for a whole lease (killed, cut off) are `lost`: no longer counted as
+    live capacity, shown or offered work. Their running attempts are the reaper's."""
+    rows = await conn.execute(
+        sa.text(
+            "UPDATE nodes SET status = 'lost' WHERE status IN ('active', 'draining') AND heartbeat_at < :cutoff "
+            "RETURNING node_id"
+        ),
+        {"cutoff": now - timedelta(seconds=lease_seconds)},
+    )
+    return sorted(row.node_id for row in rows)
 
 
 async def cancel_job(conn: AsyncConnection, job_id: str, now: datetime) -> list[StatusChange]:

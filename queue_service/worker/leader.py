@@ -173,6 +173,9 @@ class Leader:
         recovered = await attempts.reap_expired_leases(conn, now, self.policy)
         if recovered:
             log.warning("recovered attempts of lost workers: %s", ", ".join(recovered))
+        lost = await attempts.mark_lost_nodes(conn, now, self.settings.lease_seconds)
+        if lost:
+            log.warning("nodes silent for a whole lease are lost: %s", ", ".join(lost))
 
     async def _fire_schedules(self, conn: AsyncConnection, now: datetime) -> None:
         capacities = await jobs.live_capacities(conn) or [self.settings.node_capacity()]

@@ -22,7 +22,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from queue_service.db import tables
+from queue_service.core.model import Resources
+from queue_service.db import attempts, jobs, tables
 from queue_service.db.engine import asyncpg_dsn, create_engine
 from queue_service.settings import Settings, normalize_database_url
 from queue_service.worker.leader import LEADER_APPLICATION_PREFIX, LEADER_LOCK_KEY, Leader
@@ -78,6 +79,7 @@ async def lock_holder(url: str) -> str | None:
             """
             SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
             WHERE l.locktype = 'advisory' AND l.granted
+              AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
               AND ((l.classid::bigint << 32) | l.objid::bigint) = $1
             """,
             LEADER_LOCK_KEY,
@@ -157,6 +159,37 @@ async def test_the_leader_reaps_expired_leases(
     while await status() == "running" and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert await status() == "retrying"  # worker_lost counts as a failed attempt; two remain
+
+
+async def test_a_silent_node_is_marked_lost_and_its_heartbeat_brings_it_back(
+    pair: tuple[list[Leader], list[AsyncEngine]],
+) -> None:
+    leaders, engines = pair
+    await wait_for(lambda: any(leader.is_leader for leader in leaders))
+    async with engines[0].begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO nodes (node_id, cpu_capacity, memory_capacity, status, heartbeat_at) "
+                "VALUES ('silent-node', 64, 65536, 'active', now() - interval '1 minute'), "
+                "       ('beating-node', 4, 2048, 'active', now() + interval '1 minute')"
+            )
+        )
+
+    async def statuses() -> dict[str, str]:
+        async with engines[1].begin() as conn:
+            rows = await conn.execute(
+                sa.text("SELECT node_id, status FROM nodes WHERE node_id IN ('silent-node', 'beating-node')")
+            )
+            return {node: status for node, status in rows}
+
+    deadline = time.monotonic() + 10
+    while (await statuses())["silent-node"] == "active" and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await statuses() == {"silent-node": "lost", "beating-node": "active"}
+    async with engines[0].begin() as conn:  # no longer offered as capacity to new jobs
+        assert Resources(64, 65536) not in await jobs.live_capacities(conn)
+        await attempts.renew_leases(conn, "silent-node", [], datetime.now(UTC), 2)
+    assert (await statuses())["silent-node"] == "active"
 
 
 class WorkerProcess:

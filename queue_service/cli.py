@@ -1,4 +1,5 @@
-"""The `taskqueue` command (SPEC §12): serve, api, worker, migrate.
+"""The `taskqueue` command (SPEC §12): serve, api, worker, migrate, purge; and
+`replay` / `export-trace` (issue #8), the simulator set beside the live service.
 
 Settings come from the environment (`DATABASE_URL`, `TASKQUEUE_*`); a flag given
 on the command line overrides its variable. Logs are JSON lines on stderr.
@@ -21,8 +22,10 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, Final
 
+import httpx
 import typer
 import uvicorn
 from pydantic import ValidationError
@@ -31,8 +34,13 @@ from queue_service.api.app import create_app
 from queue_service.db import migrate as migrations
 from queue_service.db import retention
 from queue_service.db.engine import create_engine
+from queue_service.replay import Replay, ReplayError, client_for, prepare
+from queue_service.replay import replay as run_replay
 from queue_service.runtime import database_url, open_runtime
 from queue_service.settings import Settings
+from simulator import agreement
+from simulator.report import render as render_simulation
+from simulator.scenario import ScenarioError, load_scenario
 
 HANDLED_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 HTTP_DRAIN_SECONDS: Final = 10  # open HTTP connections get this long to finish before the lifespan stops
@@ -222,3 +230,42 @@ def migrate(log_level: LogLevel = "info") -> None:
     configure_logging(log_level)
     revision = asyncio.run(_migrate(load_settings()))
     typer.echo(f"database schema at revision {revision}")
+
+
+async def _replay(path: Path, url: str, api_key: str | None, time_scale: float, prefix: str) -> Replay:
+    scenario = prepare(load_scenario(path), time_scale=time_scale, prefix=prefix)
+    async with client_for(url, api_key) as client:
+        return await run_replay(client, scenario)
+
+
+@app.command()
+def replay(
+    scenario: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="scenario YAML file")],
+    url: Annotated[str, typer.Option(help="the live service, e.g. http://127.0.0.1:8000")],
+    time_scale: Annotated[
+        float, typer.Option(min=0.001, help="multiply every time of the scenario (0.25: four times faster)")
+    ] = 1.0,
+    prefix: Annotated[
+        str | None, typer.Option(help="put before every job id (default: replay-<UTC time>.), so runs never clash")
+    ] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="TASKQUEUE_API_KEY", help="bearer key of the service")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for the simulator's report and the agreement")] = None,
+) -> None:
+    """Run a scenario against a live service in real time and compare it with `simulate`
+    on the same file: final statuses, start order (Kendall tau), start-time and makespan
+    errors. Exit 1 if they disagree, 2 if the scenario or the service cannot be replayed."""
+    run_prefix = f"replay-{datetime.now(UTC):%Y%m%dT%H%M%S}." if prefix is None else prefix
+    try:
+        result = asyncio.run(_replay(scenario, url, api_key, time_scale, run_prefix))
+    except (ScenarioError, ReplayError, httpx.HTTPError) as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(2) from None
+    report = agreement.render(result.agreement)
+    typer.echo(report)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        name = result.simulated.scenario.name
+        (out / f"{name}.report.txt").write_text(render_simulation(result.simulated, full_timeline=True), "utf-8")
+        (out / f"{name}.agreement.txt").write_text(report, "utf-8")
+    if not result.agreement.passed:
+        raise typer.Exit(1)

@@ -16,7 +16,7 @@ import simpy
 from simpy.events import EventPriority
 from sortedcontainers import SortedKeyList
 
-from queue_service.core import dag, execution, states
+from queue_service.core import dag, execution, states, validation
 from queue_service.core.errors import DependencyCycle, QueueError
 from queue_service.core.model import ZERO, AttemptOutcome, CancelReason, FailureReason, JobStatus, Resources
 from queue_service.core.policy import Candidate, RunningJob, Start, plan, sort_key
@@ -105,7 +105,8 @@ class Simulation:
         self._submit_batch(job_ids)
 
     def _submit_batch(self, job_ids: list[str]) -> None:
-        """All or nothing, like POST /jobs/batch: known deps, viable deps, no cycle."""
+        """All or nothing, like POST /jobs/batch: each job fits the node, known deps,
+        viable deps, no cycle."""
         batch = {job_id: self.jobs[job_id].spec.depends_on for job_id in job_ids}
         existing = {
             dep: status
@@ -114,6 +115,8 @@ class Simulation:
             if dep in self.jobs and (status := self.jobs[dep].status) is not None
         }
         try:
+            for job_id in job_ids:
+                validation.check_schedulable(self.jobs[job_id].spec, self.capacity)
             unfinished = {job_id: dag.count_unfinished(deps, existing, batch) for job_id, deps in batch.items()}
             dag.check_acyclic(batch)
         except QueueError as error:

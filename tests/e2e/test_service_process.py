@@ -10,12 +10,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
+
+from queue_service.db import migrate
 
 pytestmark = pytest.mark.e2e
 
@@ -143,3 +146,53 @@ def test_kill_9_mid_job_is_recovered_after_the_lease(migrated_url: str, services
     assert job["worker_id"] == "rescuer"
     events = [entry["event"] for entry in rescuer.client.get("/jobs/survives-a-crash/logs").json()["entries"]]
     assert "worker_lost" in events
+
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
+
+
+def test_replay_command_runs_a_scenario_against_the_service_and_compares(
+    services: list[Service],
+    create_database: Callable[[], Coroutine[Any, Any, str]],
+    run_blocking: Callable[[Coroutine[Any, Any, Any]], Any],
+    tmp_path: Path,
+) -> None:
+    # A database of its own: replay refuses a service with other live nodes, and the
+    # services other tests kill stay registered until a leader finds them silent.
+    url = run_blocking(create_database())
+    run_blocking(migrate.upgrade(url))
+    service = Service(url, "replay-node", TASKQUEUE_API_KEYS="replay-key")
+    services.append(service)
+    command = [TASKQUEUE, "replay", str(SCENARIOS / "03_complex_dag.yaml"), "--url", service.url, "--time-scale", "0.5"]
+    replayed = subprocess.run(
+        [*command, "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TASKQUEUE_API_KEY": "replay-key"},
+    )
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "Replay agreement: complex_dag" in replayed.stdout
+    assert "Result: PASS" in replayed.stdout
+    assert (tmp_path / "complex_dag.agreement.txt").read_text() in replayed.stdout + "\n"
+    assert "complex_dag" in (tmp_path / "complex_dag.report.txt").read_text()
+
+    # A node of another capacity would not run it as simulated: refused before anything is submitted.
+    smaller = yaml.safe_load((SCENARIOS / "01_basic_flow.yaml").read_text())
+    smaller["capacity"] = {"cpu_units": 4, "memory_mb": 2048}
+    (tmp_path / "smaller.yaml").write_text(yaml.safe_dump(smaller))
+    arguments = ["--url", service.url, "--api-key", "replay-key"]
+    refused = subprocess.run(
+        [TASKQUEUE, "replay", str(tmp_path / "smaller.yaml"), *arguments], capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2
+    assert "needs one live node of 4 CPU / 2048 MB" in refused.stderr
+    assert "replay-node: 8 CPU / 4096 MB" in refused.stderr
+    unauthorised = subprocess.run(
+        [TASKQUEUE, "replay", str(SCENARIOS / "01_basic_flow.yaml"), "--url", service.url, "--api-key", "wrong"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert unauthorised.returncode == 2
+    assert "401" in unauthorised.stderr

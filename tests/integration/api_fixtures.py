@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from queue_service.api.app import create_app
 from queue_service.runtime import Runtime
 from queue_service.settings import Settings
+from simulator.scenario import Scenario
 
 BASE_URL = "http://testserver"
 PROBLEM_JSON = "application/problem+json"
@@ -105,3 +107,25 @@ async def set_status(engine: AsyncEngine, job_id: str, status: str, **columns: A
             sa.text(f"UPDATE jobs SET {assignments}, finished_at = now() WHERE job_id = :job_id"),
             {**values, "job_id": job_id},
         )
+
+
+SCENARIOS = Path(__file__).resolve().parents[2] / "scenarios"
+
+
+@asynccontextmanager
+async def live_service(url: str, scenario: Scenario, node_id: str) -> AsyncIterator[httpx.AsyncClient]:
+    """The API and one worker node of the scenario's capacity, in this process."""
+    settings = Settings(
+        database_url=url,
+        node_id=node_id,
+        node_cpu_units=scenario.capacity.cpu_units,
+        node_memory_mb=scenario.capacity.memory_mb,
+        poll_interval_seconds=0.2,
+        lease_seconds=10,
+        shutdown_grace_seconds=1,
+    )
+    app = create_app(settings, run_worker=True)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            yield client

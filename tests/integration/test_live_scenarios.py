@@ -25,6 +25,7 @@ from queue_service.core.backoff import jitter_fraction
 from queue_service.core.model import Priority
 from queue_service.settings import Settings
 from simulator.scenario import Scenario, ScenarioJob, load_scenario
+from simulator.transform import job_body
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 
@@ -84,23 +85,10 @@ class LiveRun:
 
 
 def body(job: ScenarioJob, prefix: str) -> dict[str, Any]:
-    spec = job.spec
-    return {
-        "job_id": prefix + spec.job_id,
-        "type": spec.type,
-        "priority": spec.priority.value,
-        "payload": spec.payload,
-        "resource_requirements": {"cpu_units": spec.resources.cpu_units, "memory_mb": spec.resources.memory_mb},
-        "depends_on": [prefix + dep for dep in spec.depends_on],
-        "retry_config": {
-            "max_attempts": spec.retry.max_attempts,
-            "backoff_multiplier": spec.retry.backoff_multiplier,
-            "initial_delay_seconds": spec.retry.initial_delay_seconds,
-            "max_delay_seconds": spec.retry.max_delay_seconds,
-            "jitter": spec.retry.jitter,
-        },
-        "timeout_seconds": spec.timeout_seconds,
-    }
+    document = job_body(job)
+    document["job_id"] = prefix + document["job_id"]
+    document["depends_on"] = [prefix + dep for dep in document["depends_on"]]
+    return document
 
 
 async def replay(client: httpx.AsyncClient, scenario: Scenario, *, timeout: float = 60) -> LiveRun:

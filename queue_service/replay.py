@@ -104,7 +104,7 @@ def _checked(response: httpx.Response, *expected: int) -> httpx.Response:
 
 async def preflight(client: httpx.AsyncClient, scenario: Scenario) -> None:
     """Refuse a service that would not run the scenario as simulated: paused, another
-    policy, or not exactly one live node of the scenario's capacity."""
+    policy, or not exactly the scenario's number of live nodes of its capacity."""
     state = _checked(await client.get("/dispatch"), 200).json()
     if state["paused"]:
         raise ReplayError("dispatch is paused on the service: POST /dispatch/resume first")
@@ -122,10 +122,11 @@ async def preflight(client: httpx.AsyncClient, scenario: Scenario) -> None:
         raise ReplayError(f"the service's policy {policy} is not the scenario's; configure the service to match")
     nodes = await live_nodes(client)
     want = scenario.capacity
-    if list(nodes.values()) != [want]:
+    if list(nodes.values()) != [want] * scenario.nodes:
         shown = ", ".join(f"{n}: {r.cpu_units} CPU / {r.memory_mb} MB" for n, r in nodes.items()) or "none"
+        count = "one live node" if scenario.nodes == 1 else f"{scenario.nodes} live nodes"
         raise ReplayError(
-            f"the scenario needs one live node of {want.cpu_units} CPU / {want.memory_mb} MB; the service has {shown}"
+            f"the scenario needs {count} of {want.cpu_units} CPU / {want.memory_mb} MB; the service has {shown}"
         )
 
 

@@ -11,8 +11,8 @@ can say them. A job a user cancelled is cancelled at the time it was.
 Limits, stated: an edge to a job outside the window is dropped (the parent's
 effect is lost); an attempt cancelled while running ran for an unknown time,
 taken as halfway between its run so far and its timeout; a worker_lost or
-interrupted attempt counts as a failed one; one node is simulated, of the
-capacity that ran the most attempts unless given.
+interrupted attempt counts as a failed one; the nodes that ran attempts are
+simulated when they were alike, else one node of the capacity that ran the most.
 """
 
 from __future__ import annotations
@@ -112,13 +112,16 @@ def _recorded(job: TraceJob, origin: datetime) -> ObservedJob:
     )
 
 
-def _capacity(jobs: list[TraceJob], nodes: list[TraceNode]) -> tuple[Resources, str]:
+def _capacity(jobs: list[TraceJob], nodes: list[TraceNode]) -> tuple[Resources, int, str]:
+    """The node capacity to simulate and how many such nodes: all the nodes that ran
+    attempts when they were alike, else the one that ran the most."""
     if not nodes:
-        return Resources(8, 4096), "no attempt ran: the default node"
+        return Resources(8, 4096), 1, "no attempt ran: the default node"
     runs = Counter(a.node_id for job in jobs for a in job.attempts)
     busiest = max(nodes, key=lambda n: (runs[n.node_id], n.node_id))
     names = ", ".join(f"{n.node_id} ({n.cpu_capacity} CPU / {n.memory_capacity} MB)" for n in nodes)
-    return Resources(busiest.cpu_capacity, busiest.memory_capacity), f"ran on {names}"
+    alike = all((n.cpu_capacity, n.memory_capacity) == (busiest.cpu_capacity, busiest.memory_capacity) for n in nodes)
+    return Resources(busiest.cpu_capacity, busiest.memory_capacity), len(nodes) if alike else 1, f"ran on {names}"
 
 
 def build_trace(jobs: list[TraceJob], nodes: list[TraceNode], *, name: str, capacity: Resources | None = None) -> Trace:
@@ -126,8 +129,8 @@ def build_trace(jobs: list[TraceJob], nodes: list[TraceNode], *, name: str, capa
     if not jobs:
         return Trace({"name": name, "jobs": []}, {}, None)
     origin = min(job.created_at for job in jobs)
-    found, where = _capacity(jobs, nodes)
-    capacity = capacity or found
+    found, count, where = _capacity(jobs, nodes)
+    capacity, count = (found, count) if capacity is None else (capacity, 1)
     in_window = {job.job_id for job in jobs}
     unfinished = sum(job.status not in ("completed", "failed", "cancelled") for job in jobs)
     description = f"Trace of {len(jobs)} jobs created from {origin.isoformat()}; {where}." + (
@@ -137,6 +140,7 @@ def build_trace(jobs: list[TraceJob], nodes: list[TraceNode], *, name: str, capa
         "name": name,
         "description": description,
         "capacity": {"cpu_units": capacity.cpu_units, "memory_mb": capacity.memory_mb},
+        "nodes": count,
         "jobs": [_job_entry(job, origin, in_window) for job in jobs],
     }
     return Trace(scenario, {job.job_id: _recorded(job, origin) for job in jobs}, origin)

@@ -20,7 +20,7 @@ from simulator.expectations import ExpectationError
 from simulator.report import render
 from simulator.runner import ScenarioRun, run_scenario
 from simulator.scenario import Scenario, ScenarioError, load_scenario, parse_scenario
-from simulator.transform import with_capacity, with_policy
+from simulator.transform import with_capacity, with_nodes, with_policy
 from simulator.whatif import parse_capacity, parse_policy, parse_sweep, render_sweep, sweep, sweep_chart
 from simulator.workload import generate
 
@@ -54,13 +54,16 @@ def simulate(
     capacity: Annotated[
         str | None, typer.Option(help="simulate on this node capacity instead, CPU_UNITS/MEMORY_MB (16/8192)")
     ] = None,
+    nodes: Annotated[int | None, typer.Option(min=1, help="simulate on N identical nodes of the capacity")] = None,
     policy: Annotated[
         list[str] | None,
         typer.Option(help="a policy knob, KEY=VALUE: candidate_window, backfill, headstart_<priority> (repeatable)"),
     ] = None,
     sweep_over: Annotated[
         str | None,
-        typer.Option("--sweep", help="KEY=V1,V2,...: one run per value (capacity or a policy knob); report and chart"),
+        typer.Option(
+            "--sweep", help="KEY=V1,V2,...: one run per value (capacity, nodes or a policy knob); report and chart"
+        ),
     ] = None,
     from_db: Annotated[
         str | None, typer.Option(help="also simulate the job history of the service whose database this is")
@@ -77,7 +80,7 @@ def simulate(
             loaded.append(parse_scenario(generate(generate_jobs, seed), f"generated_{generate_jobs}"))
         if from_db is not None:
             loaded.append(_trace(ctx, from_db, since, until, trace_out))
-        loaded = _what_if(loaded, capacity, policy)
+        loaded = _what_if(loaded, capacity, nodes, policy)
         sweep_setting = parse_sweep(sweep_over) if sweep_over is not None else None
     except ScenarioError as error:
         console.print(f"[red]error:[/red] {error}")
@@ -107,9 +110,13 @@ def simulate(
         raise typer.Exit(1)
 
 
-def _what_if(loaded: list[Scenario], capacity: str | None, policy: list[str] | None) -> list[Scenario]:
+def _what_if(
+    loaded: list[Scenario], capacity: str | None, nodes: int | None, policy: list[str] | None
+) -> list[Scenario]:
     if capacity is not None:
         loaded = [with_capacity(scenario, parse_capacity(capacity)) for scenario in loaded]
+    if nodes is not None:
+        loaded = [with_nodes(scenario, nodes) for scenario in loaded]
     if policy:
         overrides = parse_policy(policy)
         loaded = [with_policy(scenario, overrides) for scenario in loaded]

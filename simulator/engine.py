@@ -8,7 +8,8 @@ worker runs the same core calls with asyncio time instead of these processes.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass, field
 from itertools import groupby
 from typing import Any
 
@@ -41,17 +42,53 @@ class _AfterInstant(simpy.Event):
         env.schedule(self, DISPATCH_PRIORITY)
 
 
+@dataclass
+class _Node:
+    """One worker node: its capacity, the containers that count its use, what runs
+    on it, and the monitor of its own dispatch decisions."""
+
+    capacity: Resources
+    cpu: simpy.Container
+    memory: simpy.Container
+    monitor: DispatchMonitor
+    running: dict[str, RunningJob] = field(default_factory=dict)
+
+
+def merged(monitors: Sequence[DispatchMonitor], capacity: Resources) -> DispatchMonitor:
+    """The nodes' monitors as one, for the invariant checks."""
+    first = next((m.first_backfill for m in monitors if m.first_backfill is not None), None)
+    return DispatchMonitor(
+        capacity,
+        starts=sum(m.starts for m in monitors),
+        backfills=sum(m.backfills for m in monitors),
+        order_violations=[v for m in monitors for v in m.order_violations],
+        delay_violations=[v for m in monitors for v in m.delay_violations],
+        first_backfill=first,
+    )
+
+
 class Simulation:
-    """One run of one scenario on one node."""
+    """One run of one scenario on its node, or on `scenario.nodes` identical nodes that
+    each plan in turn over what is still ready (node 0 first), as live nodes claim."""
 
     def __init__(self, scenario: Scenario, on_progress: Callable[[int], None] | None = None) -> None:
         self.scenario = scenario
         self.policy = scenario.policy
-        self.capacity = scenario.capacity
+        self.capacity = scenario.capacity  # of each node
         self.env = simpy.Environment()
         # Independent capacity check: the policy decides; the containers only count.
-        self.cpu = simpy.Container(self.env, capacity=self.capacity.cpu_units, init=self.capacity.cpu_units)
-        self.memory = simpy.Container(self.env, capacity=self.capacity.memory_mb, init=self.capacity.memory_mb)
+        cpu, memory = self.capacity.cpu_units, self.capacity.memory_mb
+        self.nodes = [
+            _Node(
+                self.capacity,
+                simpy.Container(self.env, capacity=cpu, init=cpu),
+                simpy.Container(self.env, capacity=memory, init=memory),
+                DispatchMonitor(self.capacity),
+            )
+            for _ in range(scenario.nodes)
+        ]
+        self.total_capacity = Resources(cpu * scenario.nodes, memory * scenario.nodes)
+        self.node_of: dict[str, _Node] = {}
         self.jobs = {
             job.spec.job_id: JobRecord(job.spec, job.work, job.submit_at, job.cancel_at) for job in scenario.jobs
         }
@@ -64,7 +101,6 @@ class Simulation:
         self.usage: list[UsageSample] = [UsageSample(0.0, ZERO)]
         self.rejections: list[Rejection] = []
         self.container_violations: list[str] = []
-        self.monitor = DispatchMonitor(self.capacity)
         self.plan_calls = 0
         self.start_count = 0
         self.finished_count = 0
@@ -82,7 +118,7 @@ class Simulation:
         self.env.run()
         return SimulationResult(
             scenario_name=self.scenario.name,
-            capacity=self.capacity,
+            capacity=self.total_capacity,
             jobs=self.jobs,
             rejections=self.rejections,
             usage=self.usage,
@@ -151,26 +187,34 @@ class Simulation:
         self._dispatch_pending = False
         if not self.ready:
             return
-        window = list(self.ready.islice(0, self.policy.candidate_window))
-        running = list(self.running.values())
-        starts = plan(self.now, window, running, self.capacity, self.policy)
-        self.plan_calls += 1
-        for start in starts:
-            self._start(self.jobs[start.job_id], start)
-        self.monitor.observe(self.now, window, starts, list(self.running.values()))
+        for node in self.nodes:
+            window = list(self.ready.islice(0, self.policy.candidate_window))
+            if not window:
+                break
+            starts = plan(self.now, window, list(node.running.values()), node.capacity, self.policy)
+            self.plan_calls += 1
+            for start in starts:
+                self._start(self.jobs[start.job_id], start, node)
+            node.monitor.observe(self.now, window, starts, list(node.running.values()))
 
-    def _start(self, job: JobRecord, start: Start) -> None:
+    @property
+    def monitor(self) -> DispatchMonitor:
+        return merged([node.monitor for node in self.nodes], self.capacity)
+
+    def _start(self, job: JobRecord, start: Start, node: _Node) -> None:
         self.ready.remove(self.candidates.pop(job.job_id))
-        self._take(job.job_id, start.resources)
-        self.running[job.job_id] = RunningJob(job.job_id, start.resources, start.latest_end)
+        self._take(job.job_id, start.resources, node)
+        running = RunningJob(job.job_id, start.resources, start.latest_end)
+        self.running[job.job_id] = node.running[job.job_id] = running
+        self.node_of[job.job_id] = node
         number = len(job.attempts) + 1
         self.start_count += 1
         job.attempts.append(AttemptRecord(number, self.start_count, self.now, start.latest_end, start.backfilled))
         self._set_status(job, JobStatus.RUNNING)
         self.attempt_processes[job.job_id] = self.env.process(self._attempt(job, number))
 
-    def _take(self, job_id: str, need: Resources) -> None:
-        for container, amount, name in ((self.cpu, need.cpu_units, "cpu"), (self.memory, need.memory_mb, "memory")):
+    def _take(self, job_id: str, need: Resources, node: _Node) -> None:
+        for container, amount, name in ((node.cpu, need.cpu_units, "cpu"), (node.memory, need.memory_mb, "memory")):
             request = container.get(amount)
             if not request.triggered:  # the policy overcommitted: record it, never hide it
                 request.cancel()
@@ -179,8 +223,10 @@ class Simulation:
 
     def _give_back(self, job_id: str) -> None:
         freed = self.running.pop(job_id).resources
-        self.cpu.put(freed.cpu_units)
-        self.memory.put(freed.memory_mb)
+        node = self.node_of.pop(job_id)
+        del node.running[job_id]
+        node.cpu.put(freed.cpu_units)
+        node.memory.put(freed.memory_mb)
         self.attempt_processes.pop(job_id, None)
         self._record_usage(self.used - freed)
 

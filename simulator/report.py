@@ -51,10 +51,14 @@ def render(run: ScenarioRun, *, full_timeline: bool) -> str:
     lines = [f"== Scenario: {scenario.name} =="]
     if scenario.description:
         lines.append(scenario.description)
+    per_node = f"{scenario.capacity.cpu_units} CPU / {scenario.capacity.memory_mb} MB"
+    capacity_text = (
+        f"capacity {per_node}; " if scenario.nodes == 1 else f"capacity {scenario.nodes} nodes of {per_node}; "
+    )
     headstarts = ", ".join(f"{p.value} {_t(s)}s" for p, s in policy.headstart_seconds.items())
     lines += [
-        f"capacity {result.capacity.cpu_units} CPU / {result.capacity.memory_mb} MB; "
-        f"backfill {'on' if policy.backfill else 'off'}; window {policy.candidate_window}; head starts {headstarts}",
+        capacity_text
+        + f"backfill {'on' if policy.backfill else 'off'}; window {policy.candidate_window}; head starts {headstarts}",
         "",
         "Timeline (seconds; start = first attempt)",
     ]

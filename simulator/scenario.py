@@ -19,7 +19,8 @@ from queue_service.core.validation import parse_job_spec, simulated_work
 # libyaml's loader when present: same safe subset, several times faster on large loads.
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-SCENARIO_FIELDS = frozenset({"name", "description", "capacity", "policy", "jobs", "expect"})
+SCENARIO_FIELDS = frozenset({"name", "description", "capacity", "nodes", "policy", "jobs", "expect"})
+MAX_NODES = 1024
 SCHEDULE_FIELDS = frozenset({"submit_at", "cancel_at", "simulate"})
 
 
@@ -39,10 +40,11 @@ class ScenarioJob:
 class Scenario:
     name: str
     description: str
-    capacity: Resources
+    capacity: Resources  # of each node
     policy: PolicyConfig
     jobs: tuple[ScenarioJob, ...]
     expect: Mapping[str, Any] = field(default_factory=dict)
+    nodes: int = 1  # identical nodes, each of `capacity`
 
 
 def _number(value: object, where: str, *, minimum: float = 0.0) -> float:
@@ -128,7 +130,14 @@ def parse_scenario(data: object, default_name: str) -> Scenario:
         policy=_policy(data.get("policy")),
         jobs=jobs,
         expect=dict(expect),
+        nodes=_nodes(data.get("nodes", 1)),
     )
+
+
+def _nodes(raw: object) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_NODES:
+        raise ScenarioError(f"nodes: an integer from 1 to {MAX_NODES}, got {raw!r}")
+    return raw
 
 
 def load_scenario(path: Path) -> Scenario:

@@ -72,6 +72,8 @@ def scenario_data(scenario: Scenario, *, keep_expect: bool = True) -> dict[str, 
     if scenario.description:
         data["description"] = scenario.description
     data["capacity"] = {"cpu_units": scenario.capacity.cpu_units, "memory_mb": scenario.capacity.memory_mb}
+    if scenario.nodes != 1:
+        data["nodes"] = scenario.nodes
     if scenario.policy != PolicyConfig():
         data["policy"] = policy_data(scenario.policy)
     data["jobs"] = [_job_entry(job) for job in scenario.jobs]
@@ -119,6 +121,12 @@ def prefixed(scenario: Scenario, prefix: str) -> Scenario:
 def with_capacity(scenario: Scenario, capacity: Resources) -> Scenario:
     data = scenario_data(scenario, keep_expect=False)
     data["capacity"] = {"cpu_units": capacity.cpu_units, "memory_mb": capacity.memory_mb}
+    return _rebuilt(scenario, data)
+
+
+def with_nodes(scenario: Scenario, nodes: int) -> Scenario:
+    data = scenario_data(scenario, keep_expect=False)
+    data["nodes"] = nodes
     return _rebuilt(scenario, data)
 
 

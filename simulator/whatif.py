@@ -1,7 +1,7 @@
 """What-if runs for capacity planning (issue #8): a scenario simulated again with
 another capacity or policy, and sweeps over one setting with a report and a chart.
 
-`--sweep capacity=8/4096,16/8192` or `--sweep candidate_window=16,256` (any policy
+`--sweep capacity=8/4096,16/8192`, `--sweep nodes=1,2,4` or `--sweep candidate_window=16,256` (any policy
 key of `simulator.transform.with_policy`): each value gives one simulated run of the
 same workload; the report has, per value, the makespan, utilization of CPU and
 memory, and the p50/p95 wait (ready → first start) by priority.
@@ -25,9 +25,10 @@ from simulator.metrics import utilization
 from simulator.records import SimulationResult
 from simulator.runner import run_scenario
 from simulator.scenario import Scenario, ScenarioError
-from simulator.transform import POLICY_KEYS, renamed, with_capacity, with_policy
+from simulator.transform import POLICY_KEYS, renamed, with_capacity, with_nodes, with_policy
 
 CAPACITY_KEY = "capacity"
+NODES_KEY = "nodes"
 PRIORITY_COLOURS = {
     Priority.CRITICAL: "#c62828",
     Priority.HIGH: "#ef6c00",
@@ -49,6 +50,16 @@ def parse_capacity(text: str) -> Resources:
     return capacity
 
 
+def parse_nodes(text: str) -> int:
+    try:
+        nodes = int(text)
+    except ValueError:
+        nodes = 0
+    if nodes < 1:
+        raise ScenarioError(f"nodes: a whole number ≥ 1, got {text!r}")
+    return nodes
+
+
 def parse_policy(settings: Sequence[str]) -> dict[str, str]:
     """`key=value` pairs (validated when applied)."""
     overrides = {}
@@ -67,18 +78,24 @@ def parse_sweep(text: str) -> tuple[str, list[str]]:
     choices = [value.strip() for value in values.split(",") if value.strip()]
     if not equals or not choices:
         raise ScenarioError(f"sweep: KEY=V1,V2,... such as capacity=8/4096,16/8192, got {text!r}")
-    if key != CAPACITY_KEY and key not in POLICY_KEYS:
-        raise ScenarioError(f"sweep: unknown key {key!r}; known: {CAPACITY_KEY}, {', '.join(POLICY_KEYS)}")
-    if key == CAPACITY_KEY:
-        for value in choices:
+    if key not in (CAPACITY_KEY, NODES_KEY) and key not in POLICY_KEYS:
+        known = ", ".join((CAPACITY_KEY, NODES_KEY, *POLICY_KEYS))
+        raise ScenarioError(f"sweep: unknown key {key!r}; known: {known}")
+    for value in choices:
+        if key == CAPACITY_KEY:
             parse_capacity(value)
+        elif key == NODES_KEY:
+            parse_nodes(value)
     return key, choices
 
 
 def with_setting(scenario: Scenario, key: str, value: str) -> Scenario:
-    changed = (
-        with_capacity(scenario, parse_capacity(value)) if key == CAPACITY_KEY else with_policy(scenario, {key: value})
-    )
+    if key == CAPACITY_KEY:
+        changed = with_capacity(scenario, parse_capacity(value))
+    elif key == NODES_KEY:
+        changed = with_nodes(scenario, parse_nodes(value))
+    else:
+        changed = with_policy(scenario, {key: value})
     return renamed(changed, f"{scenario.name}[{key}={value}]")
 
 

@@ -13,7 +13,7 @@ from simulator.agreement import ObservedJob, compare, kendall_tau_b
 from simulator.cli import cli
 from simulator.runner import run_scenario
 from simulator.scenario import ScenarioError, load_scenario
-from simulator.transform import prefixed, scaled, with_capacity, with_policy
+from simulator.transform import prefixed, scaled, with_capacity, with_nodes, with_policy
 from simulator.whatif import parse_capacity, parse_sweep, sweep
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
@@ -139,3 +139,30 @@ def test_compare_finds_status_order_and_makespan_disagreements() -> None:
     assert swapped.order_violations
     assert swapped.tau < 1.0
     assert not swapped.makespan_ok
+
+
+def test_more_nodes_run_more_at_once_and_each_stays_within_its_capacity() -> None:
+    scenario = load_scenario(CONTENTION)
+    one = run_scenario(scenario)
+    two = run_scenario(with_nodes(scenario, 2))
+    assert two.passed  # every invariant, on the merged dispatch decisions of both nodes
+    assert not two.result.container_violations  # each node's own CPU and memory containers
+    heavy_peak = max(
+        sum(1 for job in two.result.jobs.values() for a in job.attempts
+            if job.spec.resources.cpu_units == 4 and a.started_at <= at < (a.ended_at or 0))
+        for at in (a.started_at for job in two.result.jobs.values() for a in job.attempts)
+    )  # fmt: skip
+    assert heavy_peak == 4  # two heavy jobs on each node, never a third on either
+    assert two.result.makespan < one.result.makespan
+    assert two.result.capacity == Resources(16, 8192)
+
+
+def test_nodes_are_checked_in_scenario_files_and_flags() -> None:
+    with pytest.raises(ScenarioError, match="nodes: an integer from 1"):
+        with_nodes(load_scenario(CONTENTION), 0)
+    result = runner.invoke(cli, [str(CONTENTION), "--sweep", "nodes=1,two"])
+    assert result.exit_code == 2
+    assert "nodes: a whole number" in result.output
+    swept = runner.invoke(cli, [str(CONTENTION), "--sweep", "nodes=1,2"])
+    assert swept.exit_code == 0, swept.output
+    assert "| 2 |" in swept.stdout

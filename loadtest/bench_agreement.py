@@ -46,6 +46,10 @@ async def replay_all(base: str, load_scale: float) -> list[dict[str, Any]]:
                     "wall_s": time.monotonic() - started,
                     "statuses_equal": a.statuses_equal,
                     "status_mismatches": len(a.status_mismatches),
+                    "status_mismatch_jobs": [
+                        {"job": job, "simulated": simulated, "live": live}
+                        for job, simulated, live in a.status_mismatches
+                    ],
                     "tau": a.tau,
                     "compared": a.compared,
                     "order_violations": len(a.order_violations),

@@ -203,6 +203,13 @@ def agreement_section(results: dict[str, Any]) -> list[str]:
             f"| {row['makespan_sim_s']:.2f} / {row['makespan_live_s']:.2f} s (±{row['makespan_allowed_s']:.2f}) "
             f"| {'PASS' if row['passed'] else 'FAIL'} |"
         )
+    differing = [
+        f"{row['scenario']}: {m['job']} simulated {m['simulated']}, live {m['live']}"
+        for row in results["agreement"]
+        for m in row.get("status_mismatch_jobs", [])
+    ]
+    if differing:
+        lines += ["", "Statuses that differ: " + "; ".join(differing) + "."]
     sweep = results["sweep"]
     priorities = ["critical", "high", "normal", "low"]
     lines += [

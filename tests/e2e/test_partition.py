@@ -52,6 +52,7 @@ class PartitionProxy:
     TCP does once its retransmissions give up, and relays new ones again."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
+        # A host that is a directory is a Unix socket (the embedded server's), as in libpq.
         self.target = (target_host, target_port)
         self.partitioned = False
         self.connections: set[asyncio.StreamWriter] = set()
@@ -85,7 +86,11 @@ class PartitionProxy:
             await self._drain_into_void(client_reader)
             return
         try:
-            server_reader, server_writer = await asyncio.open_connection(*self.target)
+            host, port = self.target
+            if host.startswith("/"):
+                server_reader, server_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+            else:
+                server_reader, server_writer = await asyncio.open_connection(host, port)
         except OSError:
             client_writer.transport.abort()
             return
@@ -119,10 +124,13 @@ class PartitionProxy:
 @contextlib.asynccontextmanager
 async def proxy_to(url: str) -> AsyncIterator[tuple[PartitionProxy, str]]:
     parsed = make_url(url)
-    proxy = PartitionProxy(parsed.host or "127.0.0.1", parsed.port or 5432)
+    socket_dir = parsed.query.get("host")
+    host = socket_dir if isinstance(socket_dir, str) else parsed.host or "127.0.0.1"
+    proxy = PartitionProxy(host, parsed.port or 5432)
     port = await proxy.start()
+    through_proxy = parsed.difference_update_query(["host"]).set(host="127.0.0.1", port=port)
     try:
-        yield proxy, parsed.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
+        yield proxy, through_proxy.render_as_string(hide_password=False)
     finally:
         await proxy.stop()
 

@@ -1,7 +1,7 @@
 """Smart Task Queue measured in-process, through the code the API itself calls.
 
-Enqueue is `queue_service.db.jobs.submit` in one transaction per call, exactly as
-`POST /jobs` and `POST /jobs/batch` do (body parsing and request hash from
+Enqueue is what `POST /jobs` and `POST /jobs/batch` call: `jobs.submit_alone` (one
+statement) for a lone job, `jobs.submit` in one transaction for a batch (body parsing and request hash from
 `queue_service.api.submission`, no HTTP); drain and latency run one
 `WorkerNode` in this process with a `noop` handler that returns at once, with
 the node's default capacity (and, as `ours-64`, a node of 64 CPU units), resource
@@ -32,9 +32,10 @@ from loadtest.peers import (
 )
 from queue_service.api.submission import parse_one
 from queue_service.core.model import Resources
-from queue_service.db import jobs, migrate
+from queue_service.db import insight, jobs, migrate
 from queue_service.db.engine import create_engine
 from queue_service.db.listener import EventListener
+from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
 from queue_service.settings import Settings
 from queue_service.worker.handlers import HandlerRegistry, JobContext
 from queue_service.worker.node import WorkerNode
@@ -72,6 +73,15 @@ async def _submit(
 ) -> None:
     """One request's worth of jobs, parsed and submitted in one unit of work, as the API does."""
     pairs = [parse_one(document) for document in documents]
+    specs = [spec for spec, _ in pairs]
+    if jobs.can_submit_alone(specs):  # as POST /jobs does
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            alone = await jobs.submit_alone(
+                conn, specs[0], pairs[0][1], datetime.now(UTC), settings.policy_config(), capacities
+            )
+        if alone is not None:
+            return
     async with engine.begin() as conn:
         await jobs.submit(
             conn,
@@ -84,6 +94,18 @@ async def _submit(
 
 
 async def _measure(engine: AsyncEngine, settings: Settings, database_url: str, count: int, samples: int) -> RunResult:
+    # A deployment's leader folds the depth and position deltas every FOLD_INTERVAL_SECONDS,
+    # and submissions read them for position_in_queue: the run goes on beside that duty.
+    folding = asyncio.create_task(_fold_as_the_leader_does(engine))
+    try:
+        return await _measure_beside_folding(engine, settings, database_url, count, samples)
+    finally:
+        folding.cancel()
+
+
+async def _measure_beside_folding(
+    engine: AsyncEngine, settings: Settings, database_url: str, count: int, samples: int
+) -> RunResult:
     result = RunResult()
     # The API reads live capacities through a one-second cache; with no node yet, the default.
     async with engine.begin() as conn:
@@ -132,6 +154,13 @@ async def _measure(engine: AsyncEngine, settings: Settings, database_url: str, c
 
     result.enqueue_batch_per_s = rate(count, await timed(batches))
     return result
+
+
+async def _fold_as_the_leader_does(engine: AsyncEngine) -> None:
+    while True:
+        await asyncio.sleep(FOLD_INTERVAL_SECONDS)
+        async with engine.begin() as conn:
+            await insight.fold_queue_counters(conn)
 
 
 async def _all_completed(engine: AsyncEngine, counter: Counter) -> None:

@@ -36,6 +36,9 @@ DEFAULT_HEADSTART_SECONDS: Final = {
     "low": 0.0,
 }
 DEFAULT_CANDIDATE_WINDOW: Final = 256
+# A claim reads at least this many candidates first, and the whole window only when
+# those leave the node room (policy.is_complete).
+MIN_FIRST_READ: Final = 16
 
 # Simulated work (SPEC §6): what a built-in handler takes when payload.simulate
 # gives no duration. Shared by the live handlers and the simulator.

@@ -166,3 +166,36 @@ def plan(
         free = free - cand.resources
         occupying.append(RunningJob(cand.job_id, cand.resources, latest_end))
     return starts
+
+
+def first_read(capacity: Resources, running: Sequence[RunningJob], policy: PolicyConfig) -> int:
+    """How many candidates to read first. A start takes at least one CPU unit, so a
+    node with few units free usually fills from the first few; a claim that reads
+    the whole window each time pays for rows it will not start (see `is_complete`)."""
+    free_units = max(0, capacity.cpu_units - used_resources(running).cpu_units)
+    return min(policy.candidate_window, max(c.MIN_FIRST_READ, 2 * free_units))
+
+
+def is_complete(
+    starts: Sequence[Start],
+    running: Sequence[RunningJob],
+    capacity: Resources,
+    read: int,
+    asked: int,
+    policy: PolicyConfig,
+) -> bool:
+    """Whether `plan()` over the first `read` candidates of the queue (having asked for
+    `asked`) decided exactly what it would over the whole window.
+
+    plan() walks the queue in order and stops once nothing more fits, so a longer
+    window changes nothing when the read reached the end of the queue (fewer rows
+    than asked) or when the starts leave less than one CPU unit or one MB free.
+    """
+    if read < asked or asked >= policy.candidate_window:
+        return True
+    free = (
+        capacity
+        - used_resources(running)
+        - used_resources(RunningJob(s.job_id, s.resources, s.latest_end) for s in starts)
+    )
+    return free.cpu_units < 1 or free.memory_mb < 1

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from queue_service.core import execution, states
 from queue_service.core.errors import QueueError
 from queue_service.core.model import ZERO, AttemptOutcome, JobStatus, Resources, RetryConfig
-from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, plan
+from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, first_read, is_complete, plan
 from queue_service.db import lifecycle
 from queue_service.db.events import CANCEL_ATTEMPT, CHANNEL, WAKE_DISPATCH, LogEntry, StatusChange, announce, write_log
 from queue_service.db.lifecycle import JobHead, epoch, from_epoch
@@ -104,10 +104,15 @@ _START_SQL = sa.text(
     ), locked AS (
         -- In id order, as everything else locks jobs. Still ready with the attempts the
         -- window saw (so no attempt number is taken twice), and not being taken by another node.
-        SELECT j.job_id FROM jobs AS j JOIN planned AS p USING (job_id)
-        WHERE j.status = 'ready' AND j.attempts = p.attempt - 1
-        ORDER BY j.job_id
-        FOR UPDATE OF j SKIP LOCKED
+        -- One primary-key lookup per planned job: joined instead, a planner with stale
+        -- statistics (a burst just queued) read the whole ready queue to find the few.
+        SELECT j.job_id
+        FROM (SELECT * FROM planned ORDER BY job_id) AS p
+        CROSS JOIN LATERAL (
+            SELECT jobs.job_id FROM jobs
+            WHERE jobs.job_id = p.job_id AND jobs.status = 'ready' AND jobs.attempts = p.attempt - 1
+            FOR UPDATE SKIP LOCKED
+        ) AS j
     ), chosen AS (
         SELECT planned.* FROM planned JOIN locked USING (job_id)
     ), started AS (
@@ -157,13 +162,20 @@ async def claim(
     if node is None or node.status != "active" or node.paused:
         return []
     now = clock()
-    rows = (await conn.execute(_WINDOW_SQL, {"window": policy.candidate_window})).all()
-    if not rows:
-        return []
-    candidates = [Candidate(r.job_id, r.sort_key, Resources(r.cpu_units, r.memory_mb), r.timeout_seconds) for r in rows]
     running = [RunningJob(job_id, Resources(cpu, memory), end) for job_id, cpu, memory, end in node.running]
     capacity = Resources(node.cpu_capacity, node.memory_capacity)
-    starts = plan(epoch(now), candidates, running, capacity, policy)
+    # Most claims fill the node from the first few candidates; the whole window is read
+    # only when they leave room, and plan() then decides exactly as over the whole window.
+    asked = first_read(capacity, running, policy)
+    while True:
+        rows = (await conn.execute(_WINDOW_SQL, {"window": asked})).all()
+        candidates = [
+            Candidate(r.job_id, r.sort_key, Resources(r.cpu_units, r.memory_mb), r.timeout_seconds) for r in rows
+        ]
+        starts = plan(epoch(now), candidates, running, capacity, policy)
+        if is_complete(starts, running, capacity, len(rows), asked, policy):
+            break
+        asked = policy.candidate_window
     if not starts:
         return []
     return await _start(conn, node_id, starts, {r.job_id: r for r in rows}, now, lease_seconds)

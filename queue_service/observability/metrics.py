@@ -43,7 +43,11 @@ DURATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300
 # A claim is one transaction: milliseconds normally, seconds only under lock contention.
 DISPATCH_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 SNAPSHOT_TIMEOUT_SECONDS: Final = 2.0  # a scrape that waits longer on the database reports it down
-FOLD_INTERVAL_SECONDS: Final = 10.0  # counter rows between folds: a few per status change in that time
+# Depth and position reads sum the deltas appended since the last fold: at a thousand
+# submissions a second, ten seconds between folds left tens of thousands of rows to sum
+# on every submission's position; a second leaves a few thousand. A fold below the
+# threshold (insight.FOLD_THRESHOLD_ROWS) writes nothing.
+FOLD_INTERVAL_SECONDS: Final = 1.0
 _TERMINAL: Final = frozenset(s.value for s in JobStatus if s.is_terminal)
 
 log = logging.getLogger(__name__)

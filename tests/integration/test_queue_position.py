@@ -10,12 +10,16 @@ check compares every ready job's position with a plain count.
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from queue_service.core.model import Priority, Resources
+from queue_service.core.policy import PolicyConfig
+from queue_service.core.validation import parse_job_spec
 from queue_service.db import insight, jobs, tables
 
 pytestmark = pytest.mark.integration
@@ -176,3 +180,48 @@ async def test_the_position_query_reads_indexes_only(engine: AsyncEngine, seed: 
         plan = "\n".join(r[0] for r in await conn.execute(sa.text("EXPLAIN " + jobs.POSITIONS_SQL.text), params))
     assert "ix_jobs_ready_queue" in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+async def test_a_lone_submission_answers_its_exact_position(engine: AsyncEngine, make_job: Any) -> None:
+    """`submit_alone` counts the jobs ahead in the same statement that inserts the job;
+    its answer must equal a plain count, whatever the priority puts ahead of it."""
+    rng = random.Random(7)
+    now = datetime.now(UTC)
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
+        # A queue around now: keys from days before to an hour after, so every level's buckets count.
+        base = now.timestamp()
+        await _insert(conn, make_job, [(f"old{i:04d}", base + rng.uniform(-3 * DAY, 3600)) for i in range(400)])
+    policy = PolicyConfig()
+    capacities = [Resources(8, 4096)]
+    for index in range(40):
+        spec = parse_job_spec(
+            {"type": "report", "priority": rng.choice(list(Priority)).value}, default_job_id=f"new{index:03d}"
+        )
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            submitted = await jobs.submit_alone(conn, spec, "digest", datetime.now(UTC), policy, capacities)
+            if index % 10 == 9:
+                await conn.execute(sa.text("SELECT queue_rank_compact()"))
+        assert submitted is not None
+        assert submitted.created
+        async with engine.connect() as conn:
+            key = (
+                await conn.execute(sa.text("SELECT sort_key FROM jobs WHERE job_id = :id"), {"id": spec.job_id})
+            ).scalar_one()
+            expected = (
+                await conn.execute(
+                    sa.text("SELECT count(*) FROM jobs WHERE status = 'ready' AND (sort_key, job_id) < (:key, :id)"),
+                    {"key": key, "id": spec.job_id},
+                )
+            ).scalar_one()
+        assert submitted.job["position_in_queue"] == expected, spec.priority
+    # The same id again writes nothing and answers None: `submit` then tells replay from conflict.
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        again = await jobs.submit_alone(conn, spec, "digest", datetime.now(UTC), policy, capacities)
+        assert again is None
+        events = (
+            await conn.execute(sa.text("SELECT count(*) FROM job_events WHERE job_id = :id"), {"id": spec.job_id})
+        ).scalar_one()
+    assert events == 2  # submitted, ready: once

@@ -64,7 +64,9 @@ async def serving(
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
     listening.bind(("127.0.0.1", 0))
     port = int(listening.getsockname()[1])
-    server = _QuietServer(uvicorn.Config(app, log_config=None, lifespan="on"))
+    # Bounded shutdown: a client that never completes its close handshake (a stalled
+    # socket, a test that failed before closing it) cannot hang the test run.
+    server = _QuietServer(uvicorn.Config(app, log_config=None, lifespan="on", timeout_graceful_shutdown=5))
     task = asyncio.create_task(server.serve(sockets=[listening]))
     while not server.started:
         if task.done():
@@ -226,35 +228,37 @@ async def test_heartbeat_pings_an_idle_stream(clean_url: str) -> None:
 
 
 async def test_a_slow_consumer_is_dropped_and_never_stalls_the_others(clean_url: str) -> None:
-    jobs = 3000  # more than the slow client's socket buffers (a few kB) and its 2000 in the hub
-    # Room for a few commits of 500 (a burst each) while the fast client drains them.
+    jobs, batch_size = 3000, 500  # more than the slow client's socket buffers (a few kB) and its 2000 in the hub
     settings = settings_for(clean_url, stream_buffer=2000)
     async with serving(settings, run_worker=False, send_buffer=8192) as (address, app):
         # A consumer that completes the handshake and then never reads, with a tiny receive window.
         slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect, or the window is set
-        slow.connect(("127.0.0.1", int(address.rsplit(":", 1)[1])))
-        slow.sendall(
-            b"GET /jobs/stream HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        )
-        assert (await asyncio.to_thread(slow.recv, 4096)).startswith(b"HTTP/1.1 101")
-        fast = await subscribe(address)
-        # The fast consumer reads as events come, while they are being submitted.
-        reading = asyncio.create_task(collect(fast, lambda e: len(e) == jobs))
-        started = time.monotonic()
-        async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as http:
-            await http.post("/dispatch/pause")  # only submissions: one event per job
-            for first in range(0, jobs, 500):
-                batch = [quick(f"slow-{i}") for i in range(first, first + 500)]
-                assert (await http.post("/jobs/batch", json=batch)).status_code == 201
-        received = await reading
-        elapsed = time.monotonic() - started
-        hub: EventHub = app.state.stream_hub
-        assert hub.clients_dropped == 1
-        assert hub.client_count == 2  # the fast one, and the slow one until its close handshake ends
-        slow.close()
-        await fast.close()
+        try:
+            slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect, or the window is set
+            slow.connect(("127.0.0.1", int(address.rsplit(":", 1)[1])))
+            slow.sendall(
+                b"GET /jobs/stream HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            assert (await asyncio.to_thread(slow.recv, 4096)).startswith(b"HTTP/1.1 101")
+            fast = await subscribe(address)
+            received: list[dict[str, Any]] = []
+            started = time.monotonic()
+            async with httpx.AsyncClient(base_url=f"http://{address}", timeout=30) as http:
+                await http.post("/dispatch/pause")  # only submissions: one event per job
+                # The fast consumer reads each batch's events as they come; the slow one falls
+                # behind by a batch each time until the hub drops it. Neither waits for the other.
+                for first in range(0, jobs, batch_size):
+                    batch = [quick(f"slow-{i}") for i in range(first, first + batch_size)]
+                    assert (await http.post("/jobs/batch", json=batch)).status_code == 201
+                    received += await collect(fast, lambda e: len(e) == batch_size)
+            elapsed = time.monotonic() - started
+            hub: EventHub = app.state.stream_hub
+            assert hub.clients_dropped == 1
+            assert hub.client_count == 2  # the fast one, and the slow one until its close handshake ends
+            await fast.close()
+        finally:
+            slow.close()
     assert [e["job_id"] for e in received] == [f"slow-{i}" for i in range(jobs)]
     assert elapsed < 30
 

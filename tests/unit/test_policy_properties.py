@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from queue_service.core.model import ZERO, Resources
-from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, plan
+from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, first_read, is_complete, plan
 
 MEMORY_STEP = 128
 
@@ -197,3 +197,39 @@ def test_without_backfill_starts_are_exactly_a_queue_order_prefix(s: Situation) 
     starts = s.plan()
     assert not any(start.backfilled for start in starts)
     assert [start.job_id for start in starts] == [c.job_id for c in s.fitting()[: len(starts)]]
+
+
+@PROPERTY_SETTINGS
+@given(situations(), st.integers(1, 300))
+def test_a_complete_plan_over_the_first_candidates_is_the_plan_over_the_window(s: Situation, asked: int) -> None:
+    """What a claim relies on when it reads only the first few ready jobs: whenever
+    is_complete says so, the short read started exactly what the whole window would."""
+    asked = min(asked, s.policy.candidate_window)
+    read = sorted(s.candidates, key=lambda c: (c.sort_key, c.job_id))[:asked]
+    starts = plan(s.now, read, s.running, s.capacity, s.policy)
+    if is_complete(starts, s.running, s.capacity, len(read), asked, s.policy):
+        assert starts == s.plan()
+    # the window itself is always complete
+    assert is_complete(s.plan(), s.running, s.capacity, len(s.queue()), s.policy.candidate_window, s.policy)
+    assert 1 <= first_read(s.capacity, s.running, s.policy) <= s.policy.candidate_window
+
+
+def test_a_node_filled_by_the_first_candidates_needs_no_more() -> None:
+    """Eight free units and a long queue of one-unit jobs: the first read fills the node."""
+    capacity = Resources(8, 4096)
+    policy = PolicyConfig()
+    queue = [Candidate(f"job_{i:04d}", float(i), Resources(1, 128), 60.0) for i in range(1000)]
+    asked = first_read(capacity, [], policy)
+    assert asked < policy.candidate_window
+    starts = plan(0.0, queue[:asked], [], capacity, policy)
+    assert [s.job_id for s in starts] == [f"job_{i:04d}" for i in range(8)]
+    assert is_complete(starts, [], capacity, asked, asked, policy)
+    # A seven-unit head, then big jobs that must wait: one unit stays free, so the claim
+    # reads on and finds the one-unit job past the first read.
+    queue = [Candidate("job_0000", 0.0, Resources(7, 128), 60.0)]
+    queue += [Candidate(f"job_{i:04d}", float(i), Resources(8, 128), 60.0) for i in range(1, 40)]
+    queue.append(Candidate("job_0040", 40.0, Resources(1, 128), 30.0))
+    starts = plan(0.0, queue[:asked], [], capacity, policy)
+    assert [s.job_id for s in starts] == ["job_0000"]
+    assert not is_complete(starts, [], capacity, asked, asked, policy)
+    assert [s.job_id for s in plan(0.0, queue, [], capacity, policy)] == ["job_0000", "job_0040"]

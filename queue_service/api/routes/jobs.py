@@ -53,6 +53,15 @@ def _now() -> datetime:
 
 async def _submit(runtime: Runtime, specs: list[JobSpec], hashes: list[str]) -> list[jobs.Submitted]:
     settings = runtime.settings
+    if jobs.can_submit_alone(specs):
+        # One job depending on nothing: one statement, its own transaction. A stored id
+        # or key answers None, and the full path below tells a replay from a conflict.
+        async with runtime.engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            capacities = await runtime.capacities.get(conn) or [settings.node_capacity()]
+            alone = await jobs.submit_alone(conn, specs[0], hashes[0], _now(), settings.policy_config(), capacities)
+        if alone is not None:
+            return [alone]
     for attempt in range(1, SUBMIT_ATTEMPTS + 1):
         try:
             async with runtime.engine.begin() as conn:

@@ -316,43 +316,104 @@ async def end_attempts(
         if row is not None and ending.job_id not in owned and ending.lease_token in (None, row.lease_token):
             owned[ending.job_id] = (row, ending.end)
     if owned:
-        await _close_attempts(conn, list(owned.values()), now)
         outcomes = _Outcomes()
         for row, end in owned.values():
             _decide(outcomes, row, end, now)
-        await _apply(conn, outcomes, now)
-        outcomes.changes += await lifecycle.unblock_dependants(
-            conn, [job_id for job_id, _ in outcomes.completed], now, policy
-        )
+        await _apply_unsuccessful(conn, outcomes, now)
+        waiting = await _close(conn, list(owned.values()), outcomes, now, wake=not outcomes.failed)
+        later: list[StatusChange] = []
+        if waiting:
+            later += await lifecycle.unblock_dependants(conn, [job_id for job_id, _ in outcomes.completed], now, policy)
         for job_id, *_ in outcomes.failed:
-            outcomes.changes += await lifecycle.propagate_end(conn, job_id, JobStatus.FAILED, now)
-        await announce(conn, [*(c.payload() for c in outcomes.changes), {"event": WAKE_DISPATCH}])
+            later += await lifecycle.propagate_end(conn, job_id, JobStatus.FAILED, now)
+        if waiting or outcomes.failed:
+            await announce(conn, [*(c.payload() for c in later), {"event": WAKE_DISPATCH}])
     return [ending.job_id in owned and owned[ending.job_id][1] is ending.end for ending in endings]
 
 
-async def _close_attempts(conn: AsyncConnection, owned: list[tuple[Any, AttemptEnd]], now: datetime) -> None:
-    """End the attempt rows and give each node back what they held."""
-    await conn.execute(
-        sa.text(
-            """
-            UPDATE job_attempts a SET ended_at = :now, outcome = u.outcome, error = u.error
-            FROM unnest(CAST(:ids AS text[]), CAST(:numbers AS int[]), CAST(:outcomes AS text[]),
-                        CAST(:errors AS text[])) AS u(job_id, attempt, outcome, error)
-            WHERE a.job_id = u.job_id AND a.attempt = u.attempt
-            """
-        ),
+# The rest of recording a batch of endings, after any retrying, failed or requeued jobs
+# are written: one statement, so the common batch (every attempt succeeded, no job
+# waiting on them) costs four round trips with BEGIN and COMMIT where it took nine.
+# It ends the attempt rows, gives the nodes back what they held, completes the
+# succeeded jobs, writes the log and announces the changes (delivered at commit, in
+# order), and answers whether any completed job has dependants. Its snapshot is taken
+# after _RUNNING_ROWS locked the jobs, so it sees every edge a submitter committed
+# while holding its share lock (see jobs._lock_dependencies). Without dependants to
+# count down (or failures to propagate, when `wake` is false) it also wakes the dispatchers.
+_CLOSE_SQL = sa.text(
+    f"""
+    WITH closed AS (
+        UPDATE job_attempts AS a SET ended_at = :now, outcome = u.outcome, error = u.error
+        FROM unnest(CAST(:ids AS text[]), CAST(:numbers AS int[]), CAST(:outcomes AS text[]),
+                    CAST(:errors AS text[])) AS u(job_id, attempt, outcome, error)
+        WHERE a.job_id = u.job_id AND a.attempt = u.attempt
+    ), released AS (
+        UPDATE nodes SET cpu_used = cpu_used - u.cpu, memory_used = memory_used - u.memory
+        FROM unnest(CAST(:nodes AS text[]), CAST(:cpu AS int[]), CAST(:memory AS int[])) AS u(node_id, cpu, memory)
+        WHERE nodes.node_id = u.node_id
+    ), completed AS (
+        UPDATE jobs SET status = 'completed', finished_at = :now, updated_at = :now,
+                        result = CAST(u.result AS jsonb), last_error = NULL, {_CLEAR_LEASE}
+        FROM unnest(CAST(:completed_ids AS text[]), CAST(:results AS text[])) AS u(job_id, result)
+        WHERE jobs.job_id = u.job_id
+    ), logged AS (
+        INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
+        SELECT l.job_id, :now, l.attempt, l.level, l.event, l.message, CAST(l.data AS jsonb)
+        FROM unnest(
+            CAST(:log_jobs AS text[]), CAST(:log_attempts AS integer[]), CAST(:log_levels AS text[]),
+            CAST(:log_events AS text[]), CAST(:log_messages AS text[]), CAST(:log_data AS text[])
+        ) AS l(job_id, attempt, level, event, message, data)
+    ), waiting AS (
+        SELECT EXISTS (
+            SELECT FROM job_dependencies WHERE depends_on_job_id = ANY(CAST(:completed_ids AS text[]))
+        ) AS found
+    ), announced AS (
+        SELECT pg_notify(:channel, n.payload)
+        FROM waiting CROSS JOIN LATERAL unnest(
+            CAST(:notices AS text[])
+            || CASE WHEN CAST(:wake AS boolean) AND NOT waiting.found THEN ARRAY[CAST(:wake_payload AS text)] END
+        ) AS n(payload)
+    )
+    SELECT (SELECT found FROM waiting) AS waiting, (SELECT count(*) FROM announced) AS announced
+    """
+)
+
+
+async def _close(
+    conn: AsyncConnection, owned: list[tuple[Any, AttemptEnd]], outcomes: _Outcomes, now: datetime, *, wake: bool
+) -> bool:
+    """_CLOSE_SQL for these attempts; True when a completed job has dependants."""
+    freed: dict[str, Resources] = {}
+    for row, _ in owned:
+        freed[row.worker_id] = freed.get(row.worker_id, ZERO) + Resources(row.cpu_units, row.memory_mb)
+    nodes = sorted(freed)  # a fixed lock order, as lifecycle.release_many
+    entries = outcomes.entries
+    result = await conn.execute(
+        _CLOSE_SQL,
         {
             "now": now,
             "ids": [row.job_id for row, _ in owned],
             "numbers": [row.attempts for row, _ in owned],
             "outcomes": [end.outcome.value for _, end in owned],
             "errors": [end.error for _, end in owned],
+            "nodes": nodes,
+            "cpu": [freed[n].cpu_units for n in nodes],
+            "memory": [freed[n].memory_mb for n in nodes],
+            "completed_ids": [job_id for job_id, _ in outcomes.completed],
+            "results": [result for _, result in outcomes.completed],
+            "log_jobs": [e.job_id for e in entries],
+            "log_attempts": [e.attempt for e in entries],
+            "log_levels": [e.level for e in entries],
+            "log_events": [e.event for e in entries],
+            "log_messages": [e.message for e in entries],
+            "log_data": [json.dumps(dict(e.data)) for e in entries],
+            "channel": CHANNEL,
+            "notices": [json.dumps(c.payload(), separators=(",", ":")) for c in outcomes.changes],
+            "wake": wake,
+            "wake_payload": json.dumps({"event": WAKE_DISPATCH}, separators=(",", ":")),
         },
     )
-    freed: dict[str, Resources] = {}
-    for row, _ in owned:
-        freed[row.worker_id] = freed.get(row.worker_id, ZERO) + Resources(row.cpu_units, row.memory_mb)
-    await lifecycle.release_many(conn, freed)
+    return bool(result.one().waiting)
 
 
 def _decide(outcomes: _Outcomes, row: Any, end: AttemptEnd, now: datetime) -> None:
@@ -405,21 +466,9 @@ def _decide(outcomes: _Outcomes, row: Any, end: AttemptEnd, now: datetime) -> No
     outcomes.entries.append(LogEntry(head.job_id, "failed", message, now, head.attempts, level="error"))
 
 
-async def _apply(conn: AsyncConnection, outcomes: _Outcomes, now: datetime) -> None:
-    """One statement per kind of change, whatever the batch size."""
-    if outcomes.completed:
-        ids, results = zip(*outcomes.completed, strict=True)
-        await conn.execute(
-            sa.text(
-                f"""
-                UPDATE jobs SET status = 'completed', finished_at = :now, updated_at = :now,
-                                result = CAST(u.result AS jsonb), last_error = NULL, {_CLEAR_LEASE}
-                FROM unnest(CAST(:ids AS text[]), CAST(:results AS text[])) AS u(job_id, result)
-                WHERE jobs.job_id = u.job_id
-                """
-            ),
-            {"now": now, "ids": list(ids), "results": list(results)},
-        )
+async def _apply_unsuccessful(conn: AsyncConnection, outcomes: _Outcomes, now: datetime) -> None:
+    """Jobs whose attempt did not succeed: one statement per kind, whatever the batch size
+    (completions, attempts, nodes and the log are _CLOSE_SQL's)."""
     if outcomes.requeued:
         await conn.execute(
             sa.text(
@@ -456,7 +505,6 @@ async def _apply(conn: AsyncConnection, outcomes: _Outcomes, now: datetime) -> N
             ),
             {"now": now, "ids": list(ids), "counted": list(counted), "errors": list(errors), "reasons": list(reasons)},
         )
-    await write_log(conn, outcomes.entries)
 
 
 async def wake_due_retries(conn: AsyncConnection, now: datetime, policy: PolicyConfig) -> int:

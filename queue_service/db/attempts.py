@@ -20,7 +20,16 @@ from queue_service.core.errors import QueueError
 from queue_service.core.model import ZERO, AttemptOutcome, JobStatus, Resources, RetryConfig
 from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, first_read, is_complete, plan
 from queue_service.db import lifecycle
-from queue_service.db.events import CANCEL_ATTEMPT, CHANNEL, WAKE_DISPATCH, LogEntry, StatusChange, announce, write_log
+from queue_service.db.events import (
+    CANCEL_ATTEMPT,
+    CHANNEL,
+    WAKE_DISPATCH,
+    LogEntry,
+    StatusChange,
+    announce,
+    log_arrays,
+    write_log,
+)
 from queue_service.db.lifecycle import JobHead, epoch, from_epoch
 
 RETRY_WAKE_BATCH = 500  # due retries moved to ready per statement
@@ -131,11 +140,11 @@ _START_SQL = sa.text(
         WHERE node_id = :node
     ), logged AS (
         INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
-        SELECT l.job_id, :now, l.attempt, 'info', l.event, l.message, CAST(l.data AS jsonb)
+        SELECT l.job_id, :now, l.attempt, l.level, l.event, l.message, CAST(l.data AS jsonb)
         FROM unnest(
-            CAST(:log_jobs AS text[]), CAST(:log_attempts AS integer[]), CAST(:log_events AS text[]),
-            CAST(:log_messages AS text[]), CAST(:log_data AS text[])
-        ) AS l(job_id, attempt, event, message, data)
+            CAST(:log_jobs AS text[]), CAST(:log_attempts AS integer[]), CAST(:log_levels AS text[]),
+            CAST(:log_events AS text[]), CAST(:log_messages AS text[]), CAST(:log_data AS text[])
+        ) AS l(job_id, attempt, level, event, message, data)
         WHERE l.job_id IN (SELECT job_id FROM chosen)
     ), announced AS (
         SELECT pg_notify(:channel, n.payload)
@@ -211,11 +220,7 @@ async def _start(
                 "now": now,
                 "node": node_id,
                 "lease_until": now + timedelta(seconds=lease_seconds),
-                "log_jobs": [e.job_id for e in entries],
-                "log_attempts": [e.attempt for e in entries],
-                "log_events": [e.event for e in entries],
-                "log_messages": [e.message for e in entries],
-                "log_data": [json.dumps(dict(e.data)) for e in entries],
+                **log_arrays(entries),
                 "channel": CHANNEL,
                 "notice_jobs": [c.job_id for c in changes],
                 "notice_payloads": [json.dumps(c.payload(), separators=(",", ":")) for c in changes],
@@ -401,12 +406,7 @@ async def _close(
             "memory": [freed[n].memory_mb for n in nodes],
             "completed_ids": [job_id for job_id, _ in outcomes.completed],
             "results": [result for _, result in outcomes.completed],
-            "log_jobs": [e.job_id for e in entries],
-            "log_attempts": [e.attempt for e in entries],
-            "log_levels": [e.level for e in entries],
-            "log_events": [e.event for e in entries],
-            "log_messages": [e.message for e in entries],
-            "log_data": [json.dumps(dict(e.data)) for e in entries],
+            **log_arrays(entries),
             "channel": CHANNEL,
             "notices": [json.dumps(c.payload(), separators=(",", ":")) for c in outcomes.changes],
             "wake": wake,

@@ -36,6 +36,18 @@ class LogEntry:
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
+def log_arrays(entries: Sequence[LogEntry]) -> dict[str, list[Any]]:
+    """Log entries as the parallel arrays a statement unnests into job_events (`log_*`)."""
+    return {
+        "log_jobs": [e.job_id for e in entries],
+        "log_attempts": [e.attempt for e in entries],
+        "log_levels": [e.level for e in entries],
+        "log_events": [e.event for e in entries],
+        "log_messages": [e.message for e in entries],
+        "log_data": [json.dumps(dict(e.data)) for e in entries],
+    }
+
+
 async def write_log(conn: AsyncConnection, entries: Sequence[LogEntry]) -> None:
     if not entries:
         return

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 RECORD_BATCH = 64  # ended attempts written per transaction at most
+# At shutdown, how long ended attempts may take to be written once interrupted. A write
+# that cannot land (the database away, a lock never granted) must not hold the process:
+# the attempt's lease expires and the reaper puts the job back, as after a crash.
+STOP_RECORD_SECONDS = 20.0
 
 
 class NodeObserver(Protocol):
@@ -143,7 +147,17 @@ class WorkerNode:
                 attempt.task.cancel()
         remaining = [attempt.task for attempt in self.running.values()]
         if remaining:
-            await asyncio.wait(remaining)
+            _, unwritten = await asyncio.wait(remaining, timeout=STOP_RECORD_SECONDS)
+            for task in unwritten:
+                task.cancel()
+            if unwritten:
+                names = ", ".join(sorted(task.get_name() for task in unwritten))
+                log.error(
+                    "node %s stops with %d attempt ends unwritten (%s): their leases will expire",
+                    self.node_id,
+                    len(unwritten),
+                    names,
+                )
         for loop in self._loops:
             loop.cancel()
         for loop in self._loops:

@@ -38,6 +38,7 @@ from queue_service.db.listener import EventListener
 from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
 from queue_service.settings import Settings
 from queue_service.worker.handlers import HandlerRegistry, JobContext
+from queue_service.worker.leader import STATISTICS_INTERVAL_SECONDS
 from queue_service.worker.node import WorkerNode
 
 JOB_TYPE: Final = "noop"
@@ -94,8 +95,9 @@ async def _submit(
 
 
 async def _measure(engine: AsyncEngine, settings: Settings, database_url: str, count: int, samples: int) -> RunResult:
-    # A deployment's leader folds the depth and position deltas every FOLD_INTERVAL_SECONDS,
-    # and submissions read them for position_in_queue: the run goes on beside that duty.
+    # A deployment's leader folds the depth and position deltas (submissions read them for
+    # position_in_queue) and refreshes the statistics a burst leaves stale: the run goes on
+    # beside those duties.
     folding = asyncio.create_task(_fold_as_the_leader_does(engine))
     try:
         return await _measure_beside_folding(engine, settings, database_url, count, samples)
@@ -157,10 +159,17 @@ async def _measure_beside_folding(
 
 
 async def _fold_as_the_leader_does(engine: AsyncEngine) -> None:
+    """The leader's upkeep of a deployment: folding every FOLD_INTERVAL_SECONDS and
+    statistics for the tables a burst changed, every STATISTICS_INTERVAL_SECONDS."""
+    rounds = 0
     while True:
         await asyncio.sleep(FOLD_INTERVAL_SECONDS)
+        rounds += 1
         async with engine.begin() as conn:
             await insight.fold_queue_counters(conn)
+        if rounds % round(STATISTICS_INTERVAL_SECONDS / FOLD_INTERVAL_SECONDS) == 0:
+            async with engine.begin() as conn:
+                await insight.refresh_statistics(conn)
 
 
 async def _all_completed(engine: AsyncEngine, counter: Counter) -> None:

@@ -80,9 +80,15 @@ async def set_paused(conn: AsyncConnection, paused: bool) -> None:
 # in one round trip. The running jobs are read as the statement starts, before the
 # lock may be waited for: an attempt that ended meanwhile still counts, which only
 # makes this plan more careful (the node's CHECK is the hard limit either way).
+# It also turns bitmap scans off for the rest of the claim's transaction: every
+# statement after it reads by index in order or by key, and with the statistics of
+# a queue a burst has just filled (autovacuum analyses it up to a minute later) the
+# planner took the window for a few rows, fetched every ready job by bitmap and
+# sorted them all to keep the first K — a claim cost grown with the queue.
 _NODE_SQL = sa.text(
     """
-    SELECT n.cpu_capacity, n.memory_capacity, n.status, d.paused,
+    SELECT set_config('enable_bitmapscan', 'off', true) AS planner,
+           n.cpu_capacity, n.memory_capacity, n.status, d.paused,
            (SELECT coalesce(json_agg(json_build_array(
                         j.job_id, j.cpu_units, j.memory_mb, extract(epoch FROM j.started_at) + j.timeout_seconds)),
                     '[]')

@@ -20,6 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 # Any stable 64-bit number: the advisory lock that makes one process fold at a time.
 FOLD_LOCK_KEY: Final = 0x7461736B_666F6C64  # "taskfold"
 FOLD_THRESHOLD_ROWS: Final = 256  # below this, folding is not worth a write
+# The queue's tables, analysed as soon as a burst has changed them (see refresh_statistics).
+ANALYSED_TABLES: Final = ("jobs", "job_attempts", "job_events", "job_dependencies")
+STALE_ROWS: Final = 1000  # changed rows since the last ANALYZE that make a table's statistics stale...
+STALE_FRACTION: Final = 0.1  # ...or this share of its rows, whichever is more (autovacuum's own default share)
 RUNNING_LIMIT: Final = 500  # running jobs shown on the dashboard; capacity bounds it in practice anyway
 NEIGHBOURHOOD_DEPTH: Final = 3  # generations drawn above and below a job
 NEIGHBOURHOOD_LIMIT: Final = 60  # jobs drawn in all: a graph larger than this is unreadable anyway
@@ -86,6 +90,35 @@ async def fold_queue_counters(conn: AsyncConnection) -> bool:
             await conn.execute(sa.text(f"SELECT {compact}()"))
             folded = True
     return folded
+
+
+async def refresh_statistics(conn: AsyncConnection) -> list[str]:
+    """ANALYZE the queue tables a burst has changed since their last analysis; their names.
+
+    Autovacuum analyses them too, but wakes once a minute: in between, a queue just
+    filled by a burst (or a database just created) has statistics that call it tiny,
+    and the planner joins a handful of keys to it by scanning it whole. Cheap when
+    nothing is stale (one read of the statistics view); a lock another ANALYZE or a
+    VACUUM holds is not waited for.
+    """
+    stale = [
+        row.relname
+        for row in await conn.execute(
+            sa.text(
+                """
+                SELECT relname FROM pg_stat_user_tables
+                WHERE schemaname = current_schema() AND relname = ANY(CAST(:tables AS text[]))
+                  AND n_mod_since_analyze > greatest(:rows, :fraction * n_live_tup)
+                ORDER BY relname
+                """
+            ),
+            {"tables": list(ANALYSED_TABLES), "rows": STALE_ROWS, "fraction": STALE_FRACTION},
+        )
+    ]
+    if stale:
+        await conn.execute(sa.text("SET LOCAL lock_timeout = '100ms'"))
+        await conn.execute(sa.text("ANALYZE " + ", ".join(stale)))  # names from ANALYSED_TABLES only
+    return stale
 
 
 async def live_nodes(conn: AsyncConnection) -> list[NodeUsage]:

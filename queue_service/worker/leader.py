@@ -43,6 +43,7 @@ LEADER_APPLICATION_PREFIX: Final = "taskqueue-leader:"  # pg_stat_activity shows
 MAX_REAPER_INTERVAL_SECONDS: Final = 5.0
 CONNECT_TIMEOUT_SECONDS: Final = 10.0
 RETENTION_INTERVAL_SECONDS: Final = 60.0  # how often the leader purges old finished jobs
+STATISTICS_INTERVAL_SECONDS: Final = 2.0  # how often the leader looks for queue tables a burst left unanalysed
 # A leader whose host vanishes without closing its socket loses the lock after
 # about idle + interval × count seconds (TCP only; a Unix socket closes with the process).
 KEEPALIVES: Final = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
@@ -81,6 +82,7 @@ class Leader:
             _Duty("lease reaper", reaper_interval, self._reap),
             _Duty("cron", self.settings.leader_interval_seconds, self._fire_schedules),
             _Duty("counter compaction", FOLD_INTERVAL_SECONDS, self._compact),
+            _Duty("statistics", STATISTICS_INTERVAL_SECONDS, self._refresh_statistics),
         ]
         if self.settings.retention_seconds is not None:
             self.duties.append(_Duty("retention purge", RETENTION_INTERVAL_SECONDS, self._purge))
@@ -190,6 +192,11 @@ class Leader:
         purged = await retention.purge_finished(conn, now - timedelta(seconds=self.settings.retention_seconds))
         if purged:
             log.info("retention purged %d finished jobs", purged)
+
+    async def _refresh_statistics(self, conn: AsyncConnection, now: datetime) -> None:
+        analysed = await insight.refresh_statistics(conn)
+        if analysed:
+            log.info("analysed %s after a burst of changes", ", ".join(analysed))
 
     async def _compact(self, conn: AsyncConnection, now: datetime) -> None:
         await insight.fold_queue_counters(conn)  # depth counters and position buckets, when worth it

@@ -8,7 +8,9 @@ built for it and contain no sequential scan.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -17,6 +19,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from queue_service.core.model import Resources
+from queue_service.core.policy import PolicyConfig
+from queue_service.core.validation import parse_job_spec
+from queue_service.db import attempts, insight, jobs, migrate
 from queue_service.db.engine import asyncpg_dsn
 from queue_service.settings import normalize_database_url
 
@@ -149,3 +155,73 @@ async def test_hot_path_uses_its_index(populated_url: str, path: str) -> None:
     plan = await explain(populated_url, query)
     assert index in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+async def test_a_claim_reads_the_window_in_index_order_before_any_statistics(
+    create_database: Callable[[], Coroutine[Any, Any, str]],
+) -> None:
+    """A queue a burst has just filled has no statistics yet (autovacuum analyses it up to
+    a minute later): the planner then took the window for a few rows and fetched every
+    ready job by bitmap to sort them. A claim must still read only the first K, in order."""
+    url = await create_database()
+    await migrate.upgrade(url)
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        # As a burst arrives: batches through the submission path, payload, log rows and all.
+        engine = create_async_engine(normalize_database_url(url), poolclass=NullPool)
+        try:
+            for first in range(0, 5000, 1000):
+                specs = [
+                    parse_job_spec({"type": "noop"}, default_job_id=f"burst_{i}") for i in range(first, first + 1000)
+                ]
+                async with engine.begin() as conn:
+                    await jobs.submit(
+                        conn, specs, ["h"] * len(specs), datetime.now(UTC), PolicyConfig(), [Resources(8, 4096)]
+                    )
+        finally:
+            await engine.dispose()
+        await connection.execute("INSERT INTO nodes (node_id, cpu_capacity, memory_capacity) VALUES ('n', 8, 4096)")
+        window = " ".join(attempts._WINDOW_SQL.text.split()).replace(":window", "16")
+        async with connection.transaction():
+            before = "\n".join(r[0] for r in await connection.fetch(f"EXPLAIN {window}"))
+            node_sql = attempts._NODE_SQL.text.replace(":node", "'n'")
+            await connection.fetch(node_sql)  # what a claim runs first
+            during = "\n".join(r[0] for r in await connection.fetch(f"EXPLAIN {window}"))
+    finally:
+        await connection.close()
+    assert "Bitmap" in before  # the trap is real on this server: a stale plan sorts the whole queue
+    assert "Bitmap" not in during, during
+    assert "Index Scan using ix_jobs_ready_queue" in during, during
+
+
+async def test_the_leader_analyses_what_a_burst_left_stale(
+    create_database: Callable[[], Coroutine[Any, Any, str]],
+) -> None:
+    """After a burst, `insight.refresh_statistics` analyses the changed queue tables (so
+    the planner knows them for what they are) and, once fresh, leaves them alone."""
+    url = await create_database()
+    await migrate.upgrade(url)
+    engine = create_async_engine(normalize_database_url(url), poolclass=NullPool)
+    try:
+        async with engine.begin() as conn:
+            assert await insight.refresh_statistics(conn) == []  # an empty queue is not stale
+        specs = [parse_job_spec({"type": "noop"}, default_job_id=f"burst_{i}") for i in range(3000)]
+        async with engine.begin() as conn:
+            await jobs.submit(conn, specs, ["h"] * len(specs), datetime.now(UTC), PolicyConfig(), [Resources(8, 4096)])
+        analysed: list[str] = []
+        for _ in range(50):  # the statistics view sees a commit within a second or so
+            async with engine.begin() as conn:
+                analysed = await insight.refresh_statistics(conn)
+            if analysed:
+                break
+            await asyncio.sleep(0.1)
+        assert analysed == ["job_events", "jobs"]
+        async with engine.connect() as conn:
+            estimate = (
+                await conn.execute(sa.text("SELECT reltuples FROM pg_class WHERE relname = 'jobs'"))
+            ).scalar_one()
+            assert estimate == 3000
+        async with engine.begin() as conn:
+            assert await insight.refresh_statistics(conn) == []
+    finally:
+        await engine.dispose()

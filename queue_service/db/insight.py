@@ -20,8 +20,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 # Any stable 64-bit number: the advisory lock that makes one process fold at a time.
 FOLD_LOCK_KEY: Final = 0x7461736B_666F6C64  # "taskfold"
 FOLD_THRESHOLD_ROWS: Final = 256  # below this, folding is not worth a write
-# The queue's tables, analysed as soon as a burst has changed them (see refresh_statistics).
-ANALYSED_TABLES: Final = ("jobs", "job_attempts", "job_events", "job_dependencies")
+# The queue's tables that hot paths join by key, analysed as soon as a burst has changed
+# them (see refresh_statistics). Not job_events: the largest, only appended and read by
+# one job's index range, where fresh statistics change no plan.
+ANALYSED_TABLES: Final = ("jobs", "job_attempts", "job_dependencies")
 STALE_ROWS: Final = 1000  # changed rows since the last ANALYZE that make a table's statistics stale...
 STALE_FRACTION: Final = 0.1  # ...or this share of its rows, whichever is more (autovacuum's own default share)
 RUNNING_LIMIT: Final = 500  # running jobs shown on the dashboard; capacity bounds it in practice anyway

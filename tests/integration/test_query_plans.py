@@ -215,7 +215,7 @@ async def test_the_leader_analyses_what_a_burst_left_stale(
             if analysed:
                 break
             await asyncio.sleep(0.1)
-        assert analysed == ["job_events", "jobs"]
+        assert analysed == ["jobs"]  # job_events is left to autovacuum
         async with engine.connect() as conn:
             estimate = (
                 await conn.execute(sa.text("SELECT reltuples FROM pg_class WHERE relname = 'jobs'"))

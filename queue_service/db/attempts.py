@@ -23,6 +23,7 @@ from queue_service.db import lifecycle
 from queue_service.db.events import (
     CANCEL_ATTEMPT,
     CHANNEL,
+    LOG_INSERT_SQL,
     WAKE_DISPATCH,
     LogEntry,
     StatusChange,
@@ -110,7 +111,7 @@ _WINDOW_SQL = sa.text(
 # Starting the chosen jobs is one statement: the jobs, their attempt rows, the node's
 # use, the log and the announcements (delivered at commit), all from arrays.
 _START_SQL = sa.text(
-    """
+    f"""
     WITH planned AS (
         SELECT * FROM unnest(
             CAST(:ids AS text[]), CAST(:tokens AS uuid[]), CAST(:numbers AS integer[]),
@@ -145,12 +146,7 @@ _START_SQL = sa.text(
                          memory_used = memory_used + (SELECT coalesce(sum(memory_mb), 0) FROM chosen)
         WHERE node_id = :node
     ), logged AS (
-        INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
-        SELECT l.job_id, :now, l.attempt, l.level, l.event, l.message, CAST(l.data AS jsonb)
-        FROM unnest(
-            CAST(:log_jobs AS text[]), CAST(:log_attempts AS integer[]), CAST(:log_levels AS text[]),
-            CAST(:log_events AS text[]), CAST(:log_messages AS text[]), CAST(:log_data AS text[])
-        ) AS l(job_id, attempt, level, event, message, data)
+        {LOG_INSERT_SQL}
         WHERE l.job_id IN (SELECT job_id FROM chosen)
     ), announced AS (
         SELECT pg_notify(:channel, n.payload)
@@ -359,21 +355,14 @@ _CLOSE_SQL = sa.text(
                     CAST(:errors AS text[])) AS u(job_id, attempt, outcome, error)
         WHERE a.job_id = u.job_id AND a.attempt = u.attempt
     ), released AS (
-        UPDATE nodes SET cpu_used = cpu_used - u.cpu, memory_used = memory_used - u.memory
-        FROM unnest(CAST(:nodes AS text[]), CAST(:cpu AS int[]), CAST(:memory AS int[])) AS u(node_id, cpu, memory)
-        WHERE nodes.node_id = u.node_id
+        {lifecycle.RELEASE_SQL}
     ), completed AS (
         UPDATE jobs SET status = 'completed', finished_at = :now, updated_at = :now,
                         result = CAST(u.result AS jsonb), last_error = NULL, {_CLEAR_LEASE}
         FROM unnest(CAST(:completed_ids AS text[]), CAST(:results AS text[])) AS u(job_id, result)
         WHERE jobs.job_id = u.job_id
     ), logged AS (
-        INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
-        SELECT l.job_id, :now, l.attempt, l.level, l.event, l.message, CAST(l.data AS jsonb)
-        FROM unnest(
-            CAST(:log_jobs AS text[]), CAST(:log_attempts AS integer[]), CAST(:log_levels AS text[]),
-            CAST(:log_events AS text[]), CAST(:log_messages AS text[]), CAST(:log_data AS text[])
-        ) AS l(job_id, attempt, level, event, message, data)
+        {LOG_INSERT_SQL}
     ), waiting AS (
         SELECT EXISTS (
             SELECT FROM job_dependencies WHERE depends_on_job_id = ANY(CAST(:completed_ids AS text[]))
@@ -397,7 +386,6 @@ async def _close(
     freed: dict[str, Resources] = {}
     for row, _ in owned:
         freed[row.worker_id] = freed.get(row.worker_id, ZERO) + Resources(row.cpu_units, row.memory_mb)
-    nodes = sorted(freed)  # a fixed lock order, as lifecycle.release_many
     entries = outcomes.entries
     result = await conn.execute(
         _CLOSE_SQL,
@@ -407,9 +395,7 @@ async def _close(
             "numbers": [row.attempts for row, _ in owned],
             "outcomes": [end.outcome.value for _, end in owned],
             "errors": [end.error for _, end in owned],
-            "nodes": nodes,
-            "cpu": [freed[n].cpu_units for n in nodes],
-            "memory": [freed[n].memory_mb for n in nodes],
+            **lifecycle.release_arrays(freed),
             "completed_ids": [job_id for job_id, _ in outcomes.completed],
             "results": [result for _, result in outcomes.completed],
             **log_arrays(entries),

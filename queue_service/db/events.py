@@ -36,6 +36,16 @@ class LogEntry:
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
+# Insert the entries `log_arrays` gives, as part of a larger statement (a CTE body); the
+# caller may add a WHERE on `l.job_id`.
+LOG_INSERT_SQL: Final = """INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
+        SELECT l.job_id, :now, l.attempt, l.level, l.event, l.message, CAST(l.data AS jsonb)
+        FROM unnest(
+            CAST(:log_jobs AS text[]), CAST(:log_attempts AS integer[]), CAST(:log_levels AS text[]),
+            CAST(:log_events AS text[]), CAST(:log_messages AS text[]), CAST(:log_data AS text[])
+        ) AS l(job_id, attempt, level, event, message, data)"""
+
+
 def log_arrays(entries: Sequence[LogEntry]) -> dict[str, list[Any]]:
     """Log entries as the parallel arrays a statement unnests into job_events (`log_*`)."""
     return {

@@ -13,7 +13,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -187,18 +187,20 @@ async def propagate_end(
     return [h.change(end_status, now) for h in waiting]
 
 
+# Give nodes back what attempts held, from `release_arrays` (also a CTE body of attempts._CLOSE_SQL).
+RELEASE_SQL: Final = """UPDATE nodes SET cpu_used = cpu_used - u.cpu, memory_used = memory_used - u.memory
+        FROM unnest(CAST(:nodes AS text[]), CAST(:cpu AS int[]), CAST(:memory AS int[])) AS u(node_id, cpu, memory)
+        WHERE nodes.node_id = u.node_id"""
+
+
+def release_arrays(freed: dict[str, Resources]) -> dict[str, list[Any]]:
+    """RELEASE_SQL's parameters, in node order (a fixed lock order)."""
+    nodes = sorted(freed)
+    return {"nodes": nodes, "cpu": [freed[n].cpu_units for n in nodes], "memory": [freed[n].memory_mb for n in nodes]}
+
+
 async def release_many(conn: AsyncConnection, freed: dict[str, Resources]) -> None:
     """Give attempts' resources back to their nodes, in node order (a fixed lock order)."""
     if not freed:
         return
-    nodes = sorted(freed)
-    await conn.execute(
-        sa.text(
-            """
-            UPDATE nodes SET cpu_used = cpu_used - u.cpu, memory_used = memory_used - u.memory
-            FROM unnest(CAST(:nodes AS text[]), CAST(:cpu AS int[]), CAST(:memory AS int[])) AS u(node_id, cpu, memory)
-            WHERE nodes.node_id = u.node_id
-            """
-        ),
-        {"nodes": nodes, "cpu": [freed[n].cpu_units for n in nodes], "memory": [freed[n].memory_mb for n in nodes]},
-    )
+    await conn.execute(sa.text(RELEASE_SQL), release_arrays(freed))

@@ -4,7 +4,8 @@ Starts `taskqueue serve` (one node, 8 CPU / 4096 MB, the scenarios' capacity) on
 fresh database and replays every scenario file against it in real time, exactly as
 `taskqueue replay` does: the small ones at half speed, `load_1000` (38 simulated
 minutes) at `--load-scale` (0.1: under four minutes). Each live run is compared with `simulate` on the same
-prepared file: statuses, start order (Kendall tau-b), makespan error.
+prepared file (with the service's measured time per attempt): statuses, start order
+(Kendall tau-b), makespan error.
 
 Then sweeps `load_1000` over node capacity in the simulator and writes the chart
 (`--charts`). Prints a Markdown table; `--json FILE` also writes the numbers.
@@ -54,6 +55,7 @@ async def replay_all(base: str, load_scale: float) -> list[dict[str, Any]]:
                     "compared": a.compared,
                     "order_violations": len(a.order_violations),
                     "dispatch_latency_s": a.dispatch_latency,
+                    "attempt_overhead_s": a.attempt_overhead,
                     "start_error_p95_s": a.start_error_p95,
                     "makespan_sim_s": a.makespan_sim,
                     "makespan_live_s": a.makespan_live,

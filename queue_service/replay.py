@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import partial
 from itertools import groupby
@@ -22,7 +22,7 @@ import httpx
 
 from queue_service.core.model import Resources
 from queue_service.core.policy import PolicyConfig
-from simulator.agreement import REJECTED, Agreement, ObservedJob, compare
+from simulator.agreement import REJECTED, Agreement, ObservedJob, attempt_overhead, compare
 from simulator.runner import ScenarioRun, run_scenario
 from simulator.scenario import Scenario, ScenarioJob
 from simulator.transform import job_body, prefixed, scaled
@@ -31,6 +31,8 @@ T = TypeVar("T")
 
 TERMINAL: Final = frozenset({"completed", "failed", "cancelled"})
 WAITING: Final = ("blocked", "ready", "running", "retrying")
+# Job log events that end an attempt; `requeued` (interrupted by shutdown) also makes it ready again.
+ATTEMPT_ENDS: Final = frozenset({"succeeded", "attempt_failed", "timed_out", "worker_lost", "cancelled", "requeued"})
 PAGE: Final = 500  # GET /jobs page size, the API's maximum
 FETCH_CONCURRENCY: Final = 8  # requests in flight while reading results back
 REPLAY_TIMEOUT_FACTOR: Final = 3.0  # a live run this many times the simulated makespan has hung
@@ -63,6 +65,22 @@ class LiveRun:
     def first_event(self, job_id: str, event: str) -> float | None:
         return next((self.seconds(e["at"]) for e in self.logs.get(job_id, ()) if e["event"] == event), None)
 
+    def attempt_spans(self, job_id: str) -> tuple[tuple[float, float, float], ...]:
+        """(became ready, started, ended) of each attempt that ended, from the job's log."""
+        spans, ready, started = [], None, None
+        for entry in self.logs.get(job_id, ()):
+            at = self.seconds(entry["at"])
+            if entry["event"] == "ready":
+                ready = at
+            elif entry["event"] == "started":
+                started = at
+            elif entry["event"] in ATTEMPT_ENDS and started is not None and ready is not None and at is not None:
+                spans.append((ready, started, at))
+                started = None
+                if entry["event"] == "requeued":
+                    ready = at
+        return tuple(spans)
+
     def observed(self) -> dict[str, ObservedJob]:
         result = {job_id: ObservedJob(job_id, REJECTED) for job_id in self.rejected}
         for job_id, job in self.jobs.items():
@@ -74,6 +92,7 @@ class LiveRun:
                 first_start=self.first_event(job_id, "started"),
                 finished=self.seconds(job["finished_at"]),
                 reason=job["failure_reason"] or job["cancel_reason"],
+                attempt_spans=self.attempt_spans(job_id),
             )
         return result
 
@@ -145,7 +164,12 @@ async def live_nodes(client: httpx.AsyncClient) -> dict[str, Resources]:
 
 
 async def _submit_all(
-    client: httpx.AsyncClient, scenario: Scenario, started: float, run: LiveRun, origins: list[datetime]
+    client: httpx.AsyncClient,
+    scenario: Scenario,
+    started: float,
+    run: LiveRun,
+    origins: list[datetime],
+    answered: Mapping[str, asyncio.Event],
 ) -> None:
     loop = asyncio.get_running_loop()
     ordered = sorted(scenario.jobs, key=lambda job: job.submit_at)
@@ -153,6 +177,9 @@ async def _submit_all(
         batch = list(group)
         await asyncio.sleep(max(0.0, started + submit_at - loop.time()))
         response = await client.post("/jobs/batch", json=[job_body(job) for job in batch])
+        for job in batch:
+            if job.spec.job_id in answered:
+                answered[job.spec.job_id].set()
         if response.status_code == 422:  # refused whole, as the simulator refuses it
             code = str(response.json().get("code"))
             run.rejected.update({job.spec.job_id: code for job in batch})
@@ -162,10 +189,11 @@ async def _submit_all(
             origins.append(parse_time(accepted[0]["created_at"]) - timedelta(seconds=submit_at))
 
 
-async def _cancel_at(client: httpx.AsyncClient, job: ScenarioJob, started: float) -> None:
+async def _cancel_at(client: httpx.AsyncClient, job: ScenarioJob, started: float, submitted: asyncio.Event) -> None:
     assert job.cancel_at is not None
     loop = asyncio.get_running_loop()
     await asyncio.sleep(max(0.0, started + job.cancel_at - loop.time()))
+    await submitted.wait()  # a user cancels what they have submitted, never a request still in flight
     _checked(await client.patch(f"/jobs/{job.spec.job_id}/cancel"), 200, 404, 409)  # 404: its batch was refused
 
 
@@ -199,11 +227,14 @@ async def run_live(
     started = loop.time()
     run = LiveRun(scenario, origin=datetime.min)
     origins: list[datetime] = []
+    answered = {job.spec.job_id: asyncio.Event() for job in scenario.jobs if job.cancel_at is not None}
     cancels = [
-        asyncio.create_task(_cancel_at(client, job, started)) for job in scenario.jobs if job.cancel_at is not None
+        asyncio.create_task(_cancel_at(client, job, started, answered[job.spec.job_id]))
+        for job in scenario.jobs
+        if job.cancel_at is not None
     ]
     try:
-        await _submit_all(client, scenario, started, run, origins)
+        await _submit_all(client, scenario, started, run, origins, answered)
         ours = {job.spec.job_id for job in scenario.jobs} - set(run.rejected)
         if not origins:
             raise ReplayError("every batch of the scenario was refused; nothing ran")
@@ -256,10 +287,12 @@ class Replay:
 
 
 async def replay(client: httpx.AsyncClient, scenario: Scenario, *, poll_interval: float = 0.25) -> Replay:
-    """Simulate `scenario` (already prepared), run it live, and compare the two."""
+    """Simulate `scenario` (already prepared), run it live, measure the service's time
+    per attempt beyond the handler's, and compare the live run with the simulation
+    that adds that time to every attempt."""
     await preflight(client, scenario)
-    simulated = run_scenario(scenario)
-    makespan = simulated.result.makespan
+    ideal = run_scenario(scenario)
+    makespan = ideal.result.makespan
     live = await run_live(
         client,
         scenario,
@@ -267,4 +300,7 @@ async def replay(client: httpx.AsyncClient, scenario: Scenario, *, poll_interval
         not_before=makespan,
         poll_interval=poll_interval,
     )
-    return Replay(simulated, live, compare(simulated.result, live.observed()))
+    observed = live.observed()
+    overhead = attempt_overhead(ideal.result, observed)
+    simulated = run_scenario(replace(scenario, attempt_overhead_seconds=overhead))
+    return Replay(simulated, live, compare(simulated.result, observed, overhead))

@@ -12,11 +12,16 @@ Measures:
   round although the simulator started them further apart than the dispatch latency;
 - per-job start-time error (live − simulated) and the makespan error;
 - the dispatch latency itself, measured from the live run: how long jobs the
-  simulator started the instant they became ready waited live (p95).
+  simulator started the instant they became ready waited live (p95);
+- the service's time per attempt beyond the handler's (`attempt_overhead`): claiming,
+  starting and recording hold a job's resources a few milliseconds longer than its
+  handler runs. The simulator is told it (`Scenario.attempt_overhead_seconds`), since
+  under contention every such millisecond delays whoever waits for the resources.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +48,8 @@ class ObservedJob:
     first_start: float | None = None
     finished: float | None = None
     reason: str | None = None  # failure_reason or cancel_reason
+    # Each attempt as (became ready, started, ended), when the source records them.
+    attempt_spans: tuple[tuple[float, float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,7 @@ class Agreement:
     worst_start: str | None
     makespan_sim: float
     makespan_live: float
+    attempt_overhead: float = 0.0  # seconds the simulation added to every attempt
 
     @property
     def statuses_equal(self) -> bool:
@@ -146,14 +154,40 @@ def _order_violations(
     return sorted(found, key=lambda v: -v[2])
 
 
+def attempt_overhead(sim: SimulationResult, live: Mapping[str, ObservedJob]) -> float:
+    """What the live service adds to every attempt, measured: the median extra time an
+    attempt holds its resources (live minus simulated run time, over jobs both ran once
+    and completed) plus the median gap from an attempt's end to the next start of a job
+    that was already waiting for those resources. 0.0 where nothing qualifies."""
+    holds = []
+    for job in sim.accepted:
+        observed = live.get(job.job_id)
+        if observed is None or observed.status != "completed" or len(job.attempts) != 1:
+            continue
+        ran = job.attempts[0]
+        if len(observed.attempt_spans) != 1 or ran.ended_at is None:
+            continue
+        _, started, ended = observed.attempt_spans[0]
+        holds.append((ended - started) - (ran.ended_at - ran.started_at))
+    spans = [span for observed in live.values() for span in observed.attempt_spans]
+    ends = sorted(ended for _, _, ended in spans)
+    gaps = []
+    for ready, started, _ in spans:
+        before = bisect.bisect_right(ends, started) - 1
+        if before >= 0 and ready < ends[before]:  # it waited, and this end was the last it saw
+            gaps.append(started - ends[before])
+    return max(0.0, quantile(holds, 0.5) + quantile(gaps, 0.5))
+
+
 def live_makespan(sim: SimulationResult, live: Mapping[str, ObservedJob]) -> float:
     """From the first submission the simulator accepted to the last live finish, as `SimulationResult.makespan`."""
     ends = [job.finished for job in live.values() if job.finished is not None and job.status != REJECTED]
     return max(ends, default=sim.first_submit) - sim.first_submit
 
 
-def compare(sim: SimulationResult, live: Mapping[str, ObservedJob]) -> Agreement:
-    """Set a live run beside the simulation of the same scenario (same ids, same times)."""
+def compare(sim: SimulationResult, live: Mapping[str, ObservedJob], overhead: float = 0.0) -> Agreement:
+    """Set a live run beside the simulation of the same scenario (same ids, same times),
+    simulated with `overhead` seconds added to every attempt."""
     mismatches, attempts = [], []
     for job_id, job in sim.jobs.items():
         observed = live.get(job_id)
@@ -190,6 +224,7 @@ def compare(sim: SimulationResult, live: Mapping[str, ObservedJob]) -> Agreement
         worst_start=None if worst is None else ids[worst],
         makespan_sim=sim.makespan,
         makespan_live=live_makespan(sim, live),
+        attempt_overhead=overhead,
     )
 
 
@@ -212,6 +247,10 @@ def render(agreement: Agreement) -> str:
     lines.append(
         f"{verdict[a.makespan_ok]}  makespan: simulated {a.makespan_sim:.3f}s, live {a.makespan_live:.3f}s, "
         f"error {a.makespan_error:+.3f}s (allowed ±{a.makespan_allowed:.3f}s = 5% + 0.5s)"
+    )
+    lines.append(
+        f"info  service time per attempt beyond the handler (median, measured live; simulated with it): "
+        f"{a.attempt_overhead * 1000:.1f} ms"
     )
     lines.append(
         f"info  dispatch latency (p95 live wait of jobs simulated to start at once): {a.dispatch_latency:.3f}s"

@@ -242,7 +242,7 @@ class Simulation:
         behaviour = execution.simulated_attempt(job.spec.type, job.work, number, job.spec.timeout_seconds)
         record = job.attempts[-1]
         try:
-            yield self.env.timeout(behaviour.run_seconds)
+            yield self.env.timeout(behaviour.run_seconds + self.scenario.attempt_overhead_seconds)
         except simpy.Interrupt:
             record.ended_at, record.outcome = self.now, AttemptOutcome.CANCELLED
             self._give_back(job.job_id)

@@ -45,6 +45,9 @@ class Scenario:
     jobs: tuple[ScenarioJob, ...]
     expect: Mapping[str, Any] = field(default_factory=dict)
     nodes: int = 1  # identical nodes, each of `capacity`
+    # The service's own time per attempt (claim, start, record), on top of the handler's:
+    # the attempt holds its resources this much longer. 0 is an ideal service.
+    attempt_overhead_seconds: float = 0.0
 
 
 def _number(value: object, where: str, *, minimum: float = 0.0) -> float:

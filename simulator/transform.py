@@ -10,6 +10,7 @@ ids and times.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from queue_service.core.execution import simulated_duration
@@ -84,7 +85,8 @@ def scenario_data(scenario: Scenario, *, keep_expect: bool = True) -> dict[str, 
 
 def _rebuilt(scenario: Scenario, data: dict[str, Any]) -> Scenario:
     data.pop("expect", None)
-    return parse_scenario(data, scenario.name)
+    # A measured property of the service, not of the file: kept as it was.
+    return replace(parse_scenario(data, scenario.name), attempt_overhead_seconds=scenario.attempt_overhead_seconds)
 
 
 def scaled(scenario: Scenario, factor: float) -> Scenario:

@@ -64,7 +64,11 @@ def generate(size: int, seed: int, *, cpu_units: int = 8, memory_mb: int = 4096)
             picks = rng.sample(recent, k=min(len(recent), rng.choice((1, 1, 2, 3))))
             job["depends_on"] = [f"load_{i:06d}" for i in sorted(picks)]
         if rng.random() < CANCEL_SHARE:
-            job["cancel_at"] = round(clock + rng.uniform(0, 30), 3)
+            # Within the first half of its run time after submission: the job cannot have
+            # finished (it needs at least `duration`), so the cancel ends it however the
+            # queue ahead of it went. One landing near the job's end would be a coin toss
+            # between simulated and live timing, not a check of either.
+            job["cancel_at"] = round(clock + rng.uniform(0, 0.5) * duration, 3)
         jobs.append(job)
     return {
         "name": f"load_{size}",

@@ -3,16 +3,17 @@ of a scenario they rest on, and the sim-to-real comparison's arithmetic."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from queue_service.core.model import Priority, Resources
-from simulator.agreement import ObservedJob, compare, kendall_tau_b
+from simulator.agreement import ObservedJob, attempt_overhead, compare, kendall_tau_b
 from simulator.cli import cli
 from simulator.runner import run_scenario
-from simulator.scenario import ScenarioError, load_scenario
+from simulator.scenario import ScenarioError, load_scenario, parse_scenario
 from simulator.transform import prefixed, scaled, with_capacity, with_nodes, with_policy
 from simulator.whatif import parse_capacity, parse_sweep, sweep
 
@@ -166,3 +167,35 @@ def test_nodes_are_checked_in_scenario_files_and_flags() -> None:
     swept = runner.invoke(cli, [str(CONTENTION), "--sweep", "nodes=1,2"])
     assert swept.exit_code == 0, swept.output
     assert "| 2 |" in swept.stdout
+
+
+def test_attempt_overhead_is_measured_from_the_live_attempts_and_lengthens_each_simulated_attempt() -> None:
+    # Two 1-second jobs on one CPU unit: the simulator runs them back to back.
+    job = {"type": "send_email", "resource_requirements": {"cpu_units": 1, "memory_mb": 64}, "submit_at": 0}
+    scenario = parse_scenario(
+        {
+            "name": "two_in_a_row",
+            "capacity": {"cpu_units": 1, "memory_mb": 64},
+            "jobs": [
+                {**job, "job_id": "a", "simulate": {"duration_seconds": 1.0}},
+                {**job, "job_id": "b", "simulate": {"duration_seconds": 1.0}},
+            ],
+        },
+        "two_in_a_row",
+    )
+    ideal = run_scenario(scenario).result
+    assert ideal.makespan == pytest.approx(2.0)
+    # Live, each attempt held its unit 20 ms beyond its handler, and b started 10 ms
+    # after a's end freed the unit it was waiting for.
+    live = {
+        "a": ObservedJob("a", "completed", 1, 0.0, 0.0, 1.02, attempt_spans=((0.0, 0.0, 1.02),)),
+        "b": ObservedJob("b", "completed", 1, 0.0, 1.03, 2.05, attempt_spans=((0.0, 1.03, 2.05),)),
+    }
+    overhead = attempt_overhead(ideal, live)
+    assert overhead == pytest.approx(0.03)
+    told = run_scenario(replace(scenario, attempt_overhead_seconds=overhead)).result
+    assert told.makespan == pytest.approx(2.06)  # each of the two attempts 30 ms longer
+    agreement = compare(told, live, overhead)
+    assert agreement.attempt_overhead == overhead
+    assert abs(agreement.makespan_error) < abs(compare(ideal, live).makespan_error)
+    assert attempt_overhead(ideal, {}) == 0.0  # nothing observed: an ideal service

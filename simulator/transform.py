@@ -31,13 +31,7 @@ def job_body(job: ScenarioJob) -> dict[str, Any]:
         "payload": spec.payload,
         "resource_requirements": {"cpu_units": spec.resources.cpu_units, "memory_mb": spec.resources.memory_mb},
         "depends_on": list(spec.depends_on),
-        "retry_config": {
-            "max_attempts": spec.retry.max_attempts,
-            "backoff_multiplier": spec.retry.backoff_multiplier,
-            "initial_delay_seconds": spec.retry.initial_delay_seconds,
-            "max_delay_seconds": spec.retry.max_delay_seconds,
-            "jitter": spec.retry.jitter,
-        },
+        "retry_config": spec.retry.as_json(),
         "timeout_seconds": spec.timeout_seconds,
     }
     if spec.idempotency_key is not None:

@@ -166,7 +166,7 @@ def request_hash(spec: JobSpec, *, client_job_id: bool) -> str:
         "payload": spec.payload,
         "resource_requirements": [spec.resources.cpu_units, spec.resources.memory_mb],
         "depends_on": list(spec.depends_on),
-        "retry_config": dataclasses.asdict(spec.retry),
+        "retry_config": spec.retry.as_json(),
         "timeout_seconds": spec.timeout_seconds,
     }
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -107,6 +107,16 @@ class RetryConfig:
     max_delay_seconds: float = c.DEFAULT_MAX_DELAY_SECONDS
     jitter: float = c.DEFAULT_JITTER
 
+    def as_json(self) -> dict[str, int | float]:
+        """The `retry_config` object of the API (SPEC §3)."""
+        return {
+            "max_attempts": self.max_attempts,
+            "backoff_multiplier": self.backoff_multiplier,
+            "initial_delay_seconds": self.initial_delay_seconds,
+            "max_delay_seconds": self.max_delay_seconds,
+            "jitter": self.jitter,
+        }
+
 
 @dataclass(frozen=True)
 class SimulatedWork:

@@ -204,7 +204,9 @@ job_events = sa.Table(
     "job_events",
     metadata,
     sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
-    sa.Column("job_id", sa.Text, sa.ForeignKey("jobs.job_id", ondelete="CASCADE"), nullable=False),
+    # No foreign key: each entry's check locked and probed its job's row on every status
+    # change. Entries are written only beside their job, and the purge deletes them with it.
+    sa.Column("job_id", sa.Text, nullable=False),
     _timestamp("at", nullable=False, now_default=True),
     sa.Column("attempt", sa.Integer, nullable=True),
     sa.Column("level", sa.Text, nullable=False, server_default="info"),

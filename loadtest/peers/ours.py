@@ -1,8 +1,8 @@
 """Smart Task Queue measured in-process, through the code the API itself calls.
 
-Enqueue is what `POST /jobs` and `POST /jobs/batch` call: `jobs.submit_alone` (one
-statement) for a lone job, `jobs.submit` in one transaction for a batch (body parsing and request hash from
-`queue_service.api.submission`, no HTTP); drain and latency run one
+Enqueue is what `POST /jobs` and `POST /jobs/batch` call: `jobs.submit_request` (one
+statement for a lone job, one transaction for a batch), with body parsing and request
+hash from `queue_service.api.submission`, no HTTP; drain and latency run one
 `WorkerNode` in this process with a `noop` handler that returns at once, with
 the node's default capacity (and, as `ours-64`, a node of 64 CPU units), resource
 accounting, DAG bookkeeping and job logs.
@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from loadtest.peers import (
     BATCH_SIZE,
@@ -72,26 +72,20 @@ class OursWideNode(Ours):
 async def _submit(
     engine: AsyncEngine, settings: Settings, capacities: Sequence[Resources], documents: list[dict[str, Any]]
 ) -> None:
-    """One request's worth of jobs, parsed and submitted in one unit of work, as the API does."""
+    """One request's worth of jobs, parsed and submitted as the API does (`jobs.submit_request`)."""
     pairs = [parse_one(document) for document in documents]
-    specs = [spec for spec, _ in pairs]
-    if jobs.can_submit_alone(specs):  # as POST /jobs does
-        async with engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            alone = await jobs.submit_alone(
-                conn, specs[0], pairs[0][1], datetime.now(UTC), settings.policy_config(), capacities
-            )
-        if alone is not None:
-            return
-    async with engine.begin() as conn:
-        await jobs.submit(
-            conn,
-            [spec for spec, _ in pairs],
-            [digest for _, digest in pairs],
-            datetime.now(UTC),
-            settings.policy_config(),
-            capacities,
-        )
+
+    async def live(_conn: AsyncConnection) -> Sequence[Resources]:
+        return capacities  # read once, as the API's one-second cache serves them
+
+    await jobs.submit_request(
+        engine,
+        [spec for spec, _ in pairs],
+        [digest for _, digest in pairs],
+        lambda: datetime.now(UTC),
+        settings.policy_config(),
+        live,
+    )
 
 
 async def _measure(engine: AsyncEngine, settings: Settings, database_url: str, count: int, samples: int) -> RunResult:

@@ -13,13 +13,14 @@ import base64
 import binascii
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from queue_service.core import dag, states
 from queue_service.core.errors import FieldProblem, InvalidJob, UnknownDependency
@@ -28,7 +29,7 @@ from queue_service.core.policy import PolicyConfig, sort_key
 from queue_service.core.validation import check_schedulable, is_valid_job_id
 from queue_service.db import tables
 from queue_service.db.attempts import JobNotFound
-from queue_service.db.engine import translate_errors
+from queue_service.db.engine import is_retryable, translate_errors
 from queue_service.db.errors import IdempotencyKeyConflict, JobIdConflict
 from queue_service.db.events import CHANNEL, WAKE_DISPATCH, LogEntry, StatusChange, iso_z
 from queue_service.db.lifecycle import epoch
@@ -78,6 +79,39 @@ async def live_capacities(conn: AsyncConnection) -> list[Resources]:
         sa.text("SELECT DISTINCT cpu_capacity, memory_capacity FROM nodes WHERE status = 'active'")
     )
     return [Resources(r.cpu_capacity, r.memory_capacity) for r in rows]
+
+
+SUBMIT_ATTEMPTS: Final = 3  # a submission aborted by a deadlock is run again, this many times in all
+
+
+async def submit_request(
+    engine: AsyncEngine,
+    specs: Sequence[JobSpec],
+    request_hashes: Sequence[str],
+    clock: Callable[[], datetime],
+    policy: PolicyConfig,
+    capacities: Callable[[AsyncConnection], Awaitable[Sequence[Resources]]],
+) -> list[Submitted]:
+    """One request's jobs, in transactions of their own: what POST /jobs and POST
+    /jobs/batch run. A lone job depending on nothing is one statement (`submit_alone`);
+    a stored id or key makes it write nothing, and `submit` then tells a replay from a
+    conflict. `capacities` reads the live nodes' (or the default) on the connection used."""
+    if can_submit_alone(specs):
+        async with engine.connect() as conn:
+            await conn.execution_options(isolation_level="AUTOCOMMIT")
+            alone = await submit_alone(conn, specs[0], request_hashes[0], clock(), policy, await capacities(conn))
+        if alone is not None:
+            return [alone]
+    for attempt in range(1, SUBMIT_ATTEMPTS + 1):
+        try:
+            async with engine.begin() as conn:
+                return await submit(conn, specs, request_hashes, clock(), policy, await capacities(conn))
+        except DBAPIError as error:
+            # A deadlock with a completing dependency (we share-lock a parent and its child
+            # while the parent's completion locks the child) is resolved by running again.
+            if attempt == SUBMIT_ATTEMPTS or not is_retryable(error):
+                raise
+    raise AssertionError("unreachable")
 
 
 async def submit(

@@ -10,24 +10,22 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from queue_service.api import submission
 from queue_service.api.deps import RuntimeDep
 from queue_service.api.schemas import BatchAccepted, JobAccepted, JobDetail, JobLog, JobPage, JobPublic, Problem
 from queue_service.core import constants as c
 from queue_service.core.aging import aging
-from queue_service.core.model import JobSpec, JobStatus, Priority
+from queue_service.core.model import JobSpec, JobStatus, Priority, Resources
 from queue_service.core.policy import PolicyConfig
 from queue_service.core.validation import is_valid_job_id
 from queue_service.db import attempts, jobs
-from queue_service.db.engine import is_retryable
 from queue_service.db.events import iso_z
 from queue_service.runtime import Runtime
 
 DEFAULT_PAGE_SIZE: Final = 50
 MAX_PAGE_SIZE: Final = 500
-SUBMIT_ATTEMPTS: Final = 3  # a submission aborted by a deadlock is run again, this many times in all
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -53,27 +51,12 @@ def _now() -> datetime:
 
 async def _submit(runtime: Runtime, specs: list[JobSpec], hashes: list[str]) -> list[jobs.Submitted]:
     settings = runtime.settings
-    if jobs.can_submit_alone(specs):
-        # One job depending on nothing: one statement, its own transaction. A stored id
-        # or key answers None, and the full path below tells a replay from a conflict.
-        async with runtime.engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
-            capacities = await runtime.capacities.get(conn) or [settings.node_capacity()]
-            alone = await jobs.submit_alone(conn, specs[0], hashes[0], _now(), settings.policy_config(), capacities)
-        if alone is not None:
-            return [alone]
-    for attempt in range(1, SUBMIT_ATTEMPTS + 1):
-        try:
-            async with runtime.engine.begin() as conn:
-                # With no live node, the configured node size is the yardstick (SPEC §3).
-                capacities = await runtime.capacities.get(conn) or [settings.node_capacity()]
-                return await jobs.submit(conn, specs, hashes, _now(), settings.policy_config(), capacities)
-        except DBAPIError as error:
-            # A deadlock with a completing dependency (we share-lock a parent and its child
-            # while the parent's completion locks the child) is resolved by running again.
-            if attempt == SUBMIT_ATTEMPTS or not is_retryable(error):
-                raise
-    raise AssertionError("unreachable")
+
+    async def capacities(conn: AsyncConnection) -> list[Resources]:
+        # With no live node, the configured node size is the yardstick (SPEC §3).
+        return await runtime.capacities.get(conn) or [settings.node_capacity()]
+
+    return await jobs.submit_request(runtime.engine, specs, hashes, _now, settings.policy_config(), capacities)
 
 
 @router.post(

@@ -38,7 +38,7 @@ from queue_service.db.listener import EventListener
 from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
 from queue_service.settings import Settings
 from queue_service.worker.handlers import HandlerRegistry, JobContext
-from queue_service.worker.leader import STATISTICS_INTERVAL_SECONDS
+from queue_service.worker.leader import STATISTICS_INTERVAL_SECONDS, VACUUM_INTERVAL_SECONDS
 from queue_service.worker.node import WorkerNode
 
 JOB_TYPE: Final = "noop"
@@ -153,14 +153,20 @@ async def _measure_beside_folding(
 
 
 async def _fold_as_the_leader_does(engine: AsyncEngine) -> None:
-    """The leader's upkeep of a deployment: folding every FOLD_INTERVAL_SECONDS and
-    statistics for the tables a burst changed, every STATISTICS_INTERVAL_SECONDS."""
-    rounds = 0
+    """The leader's upkeep of a deployment: folding every FOLD_INTERVAL_SECONDS, the
+    VACUUM of what it folded every VACUUM_INTERVAL_SECONDS, and statistics for the
+    tables a burst changed every STATISTICS_INTERVAL_SECONDS."""
+    rounds, folded = 0, False
     while True:
         await asyncio.sleep(FOLD_INTERVAL_SECONDS)
         rounds += 1
         async with engine.begin() as conn:
-            await insight.fold_queue_counters(conn)
+            folded |= await insight.fold_queue_counters(conn)
+        if folded and rounds % round(VACUUM_INTERVAL_SECONDS / FOLD_INTERVAL_SECONDS) == 0:
+            async with engine.connect() as conn:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+                await insight.vacuum_folded(conn)
+            folded = False
         if rounds % round(STATISTICS_INTERVAL_SECONDS / FOLD_INTERVAL_SECONDS) == 0:
             async with engine.begin() as conn:
                 await insight.refresh_statistics(conn)

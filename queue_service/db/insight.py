@@ -20,6 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 # Any stable 64-bit number: the advisory lock that makes one process fold at a time.
 FOLD_LOCK_KEY: Final = 0x7461736B_666F6C64  # "taskfold"
 FOLD_THRESHOLD_ROWS: Final = 256  # below this, folding is not worth a write
+# What folding deletes or rewrites, vacuumed after it (see vacuum_folded).
+VACUUMED_TABLES: Final = ("queue_counters", "queue_rank_deltas", "queue_rank_base")
 # The queue's tables that hot paths join by key, analysed as soon as a burst has changed
 # them (see refresh_statistics). Not job_events: the largest, only appended and read by
 # one job's index range, where fresh statistics change no plan.
@@ -92,6 +94,19 @@ async def fold_queue_counters(conn: AsyncConnection) -> bool:
             await conn.execute(sa.text(f"SELECT {compact}()"))
             folded = True
     return folded
+
+
+async def vacuum_folded(conn: AsyncConnection) -> None:
+    """VACUUM the tables folding churns, on a connection in autocommit mode.
+
+    Folding deletes every delta it sums (and rewrites or deletes base rows), so under
+    a steady stream of submissions these small tables gain thousands of dead rows a
+    second, which every position read walks through (a bitmap scan does not skip
+    them). Autovacuum wakes once a minute: measured, 85,000 dead rows made a lone
+    submission's position read 1.9 ms where 0.05 ms after a VACUUM. Tables another
+    VACUUM holds are skipped, not waited for.
+    """
+    await conn.execute(sa.text("VACUUM (SKIP_LOCKED) " + ", ".join(VACUUMED_TABLES)))
 
 
 async def refresh_statistics(conn: AsyncConnection) -> list[str]:

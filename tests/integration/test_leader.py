@@ -256,7 +256,9 @@ async def test_kill_9_the_leader_process_and_the_other_worker_takes_over(migrate
             worker.stop()
 
 
-async def test_the_leader_compacts_the_queue_counters(migrated_url: str, seed: Callable[..., Any]) -> None:
+async def test_the_leader_compacts_the_queue_counters_and_vacuums_them(
+    migrated_url: str, seed: Callable[..., Any]
+) -> None:
     settings = leader_settings(migrated_url)
     engine = create_engine(settings)
     leader = Leader(engine, migrated_url, settings, "compactor")
@@ -270,12 +272,27 @@ async def test_the_leader_compacts_the_queue_counters(migrated_url: str, seed: C
             async with engine.begin() as conn:
                 return int((await conn.execute(sa.text("SELECT count(*) FROM queue_counters"))).scalar_one())
 
+        async def vacuums() -> int:
+            async with engine.begin() as conn:
+                return int(
+                    (
+                        await conn.execute(
+                            sa.text(
+                                "SELECT coalesce(sum(vacuum_count), 0) FROM pg_stat_user_tables "
+                                "WHERE schemaname = current_schema() AND relname = 'queue_rank_deltas'"
+                            )
+                        )
+                    ).scalar_one()
+                )
+
         assert await counter_rows() > 256
+        vacuumed_before = await vacuums()
         await leader.start()  # a new leader runs every duty at once
         deadline = time.monotonic() + 10
-        while await counter_rows() > 28 and time.monotonic() < deadline:
+        while (await counter_rows() > 28 or await vacuums() == vacuumed_before) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert await counter_rows() <= 28  # one row per (status, priority)
+        assert await vacuums() > vacuumed_before  # what the fold deleted is vacuumed, not left for a minute
     finally:
         await leader.stop()
         await engine.dispose()

@@ -20,19 +20,22 @@ from queue_service.settings import Settings, api_key_digest
 _bearer = HTTPBearer(auto_error=False, description="one of TASKQUEUE_API_KEYS, when set")
 
 
-def get_settings(request: Request) -> Settings:
+# The getters are coroutines though they never wait: FastAPI runs a plain `def`
+# dependency in its thread pool, and three thread hops per request cost more than the
+# key lookup a GET /jobs/{id} is for.
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_runtime(request: Request) -> Runtime:
+async def get_runtime(request: Request) -> Runtime:
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is None:  # the lifespan has not started, or has already stopped
         raise NotReady("the service is not running")
     return runtime
 
 
-def get_engine(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AsyncEngine:
+async def get_engine(runtime: Annotated[Runtime, Depends(get_runtime)]) -> AsyncEngine:
     return runtime.engine
 
 

@@ -10,14 +10,14 @@ imports asyncpg or inspects SQLSTATEs.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Final, Protocol, cast
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 from queue_service.core.errors import QueueError, UnknownDependency
 from queue_service.db import tables
@@ -73,6 +73,20 @@ def create_engine(settings: Settings, url: str | None = None, *, application_nam
             "command_timeout": settings.db_command_timeout_seconds,
         },
     )
+
+
+@asynccontextmanager
+async def autocommit(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A pooled connection on which each statement is its own transaction.
+
+    For reads, and for a write that is one statement: no BEGIN and COMMIT round
+    trips (each ~0.3 ms through the driver, a fifth of a GET /jobs/{id}). Reads lose
+    nothing by it: under READ COMMITTED every statement of a transaction takes its
+    own snapshot anyway.
+    """
+    async with engine.connect() as conn:
+        await conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

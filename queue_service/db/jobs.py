@@ -29,7 +29,7 @@ from queue_service.core.policy import PolicyConfig, sort_key
 from queue_service.core.validation import check_schedulable, is_valid_job_id
 from queue_service.db import tables
 from queue_service.db.attempts import JobNotFound
-from queue_service.db.engine import is_retryable, translate_errors
+from queue_service.db.engine import autocommit, is_retryable, translate_errors
 from queue_service.db.errors import IdempotencyKeyConflict, JobIdConflict
 from queue_service.db.events import CHANNEL, WAKE_DISPATCH, LogEntry, StatusChange, iso_z
 from queue_service.db.lifecycle import epoch
@@ -97,8 +97,7 @@ async def submit_request(
     a stored id or key makes it write nothing, and `submit` then tells a replay from a
     conflict. `capacities` reads the live nodes' (or the default) on the connection used."""
     if can_submit_alone(specs):
-        async with engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with autocommit(engine) as conn:
             alone = await submit_alone(conn, specs[0], request_hashes[0], clock(), policy, await capacities(conn))
         if alone is not None:
             return [alone]

@@ -29,6 +29,7 @@ from queue_service.api.deps import RuntimeDep
 from queue_service.core.validation import is_valid_job_id
 from queue_service.db import attempts, insight, jobs
 from queue_service.db.attempts import JobNotFound
+from queue_service.db.engine import autocommit
 from queue_service.db.events import iso_z
 from queue_service.observability import waiting
 
@@ -81,7 +82,7 @@ def _json_times(row: dict[str, Any]) -> dict[str, Any]:
 
 @data.get("/overview", summary="Queue depth, nodes with their running jobs, dispatch state")
 async def overview(runtime: RuntimeDep) -> dict[str, Any]:
-    async with runtime.engine.begin() as conn:
+    async with autocommit(runtime.engine) as conn:
         depths, _ = await insight.queue_depth(conn)
         nodes = await insight.live_nodes(conn)
         running = await insight.running_jobs(conn)
@@ -112,7 +113,7 @@ def _node(node: insight.NodeUsage, running: Sequence[dict[str, Any]]) -> dict[st
 async def job_detail(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
     if not is_valid_job_id(job_id):
         raise JobNotFound(f"no job {job_id!r}")
-    async with runtime.engine.begin() as conn:
+    async with autocommit(runtime.engine) as conn:
         job = await jobs.get_job(conn, job_id)
         tries = await insight.attempts_of(conn, job_id)
         log = await jobs.job_logs(conn, job_id)

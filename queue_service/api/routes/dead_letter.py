@@ -19,7 +19,7 @@ from queue_service.api.schemas import BulkRedrive, BulkRedriveResult, JobPage, J
 from queue_service.core import constants as c
 from queue_service.core.model import FailureReason
 from queue_service.db import jobs, redrive
-from queue_service.db.engine import is_retryable
+from queue_service.db.engine import autocommit, is_retryable
 from queue_service.runtime import Runtime
 
 REDRIVE_ATTEMPTS: Final = 3  # a re-drive aborted by a deadlock with a completing parent is run again
@@ -46,7 +46,7 @@ async def dead_letter(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     cursor: Annotated[str | None, Query(max_length=1024)] = None,
 ) -> dict[str, Any]:
-    async with runtime.engine.begin() as conn:
+    async with autocommit(runtime.engine) as conn:
         page = await jobs.dead_letter_filtered(
             conn,
             job_type=job_type,

@@ -1,7 +1,8 @@
 """`/jobs`: submit one or a batch, read, list, cancel, and a job's log (SPEC §4).
 
-Each handler is one unit of work (`engine.begin()`), calling the jobs and
-attempts repositories; the SQL lives there, the rules in core.
+Each handler that writes is one unit of work (`engine.begin()`); reads run on an
+autocommit connection (`autocommit`), saving BEGIN and COMMIT. The SQL lives in the
+jobs and attempts repositories, the rules in core.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from queue_service.core.model import JobSpec, JobStatus, Priority, Resources
 from queue_service.core.policy import PolicyConfig
 from queue_service.core.validation import is_valid_job_id
 from queue_service.db import attempts, jobs
+from queue_service.db.engine import autocommit
 from queue_service.db.events import iso_z
 from queue_service.runtime import Runtime
 
@@ -114,7 +116,7 @@ async def list_jobs(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     cursor: Annotated[str | None, Query(max_length=1024, description="next_cursor of the previous page")] = None,
 ) -> dict[str, Any]:
-    async with runtime.engine.begin() as conn:
+    async with autocommit(runtime.engine) as conn:
         page = await jobs.list_jobs(
             conn,
             statuses=[s.value for s in status or ()],
@@ -135,7 +137,7 @@ def _aware(at: datetime | None) -> datetime | None:
 
 @router.get("/{job_id}", response_model=JobDetail, summary="Get a job", responses=_NOT_FOUND)
 async def get_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
-    async with runtime.engine.begin() as conn:
+    async with autocommit(runtime.engine) as conn:
         job = await jobs.get_job(conn, job_id)
     return with_aging(job, runtime.settings.policy_config(), _now())
 
@@ -176,5 +178,5 @@ async def cancel_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
 
 @router.get("/{job_id}/logs", response_model=JobLog, summary="A job's log, oldest first", responses=_NOT_FOUND)
 async def job_logs(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
-    async with runtime.engine.begin() as conn:
+    async with autocommit(runtime.engine) as conn:
         return {"job_id": job_id, "entries": await jobs.job_logs(conn, job_id)}

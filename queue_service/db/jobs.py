@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any, Final
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -544,6 +545,27 @@ def _first_entries(
 
 
 # ----------------------------------------------------------------------------- reads
+_parent = _jobs.alias("parent")
+_edges = tables.job_dependencies
+# A job's dependencies with their statuses, [[id, status], ...] in id order, read with
+# the job's row (a primary-key range per job) rather than by a query of their own.
+_DEPENDENCIES: Final = (
+    sa.select(
+        sa.func.coalesce(
+            sa.func.json_agg(
+                aggregate_order_by(
+                    sa.func.json_build_array(_edges.c.depends_on_job_id, _parent.c.status), _edges.c.depends_on_job_id
+                )
+            ),
+            sa.literal_column("'[]'::json"),
+        )
+    )
+    .select_from(_edges.join(_parent, _parent.c.job_id == _edges.c.depends_on_job_id))
+    .where(_edges.c.job_id == _jobs.c.job_id)
+    .correlate(_jobs)
+    .scalar_subquery()
+    .label("dependencies")
+)
 _PUBLIC_COLUMNS: Final = (
     _jobs.c.job_id,
     _jobs.c.type,
@@ -572,6 +594,7 @@ _PUBLIC_COLUMNS: Final = (
     _jobs.c.failure_reason,
     _jobs.c.cancel_reason,
     _jobs.c.result,
+    _DEPENDENCIES,
 )
 
 
@@ -688,34 +711,11 @@ async def _public_many(conn: AsyncConnection, job_ids: Iterable[str]) -> dict[st
 
 
 async def _public_rows(conn: AsyncConnection, rows: Sequence[Any]) -> list[dict[str, Any]]:
-    """Rows as public jobs, with dependencies and queue positions fetched in one query each."""
+    """Rows (of _PUBLIC_COLUMNS) as public jobs, with the queue positions of the ready ones."""
     if not rows:
         return []
-    ids = [r.job_id for r in rows]
-    edges = await conn.execute(
-        sa.text(
-            "SELECT d.job_id, d.depends_on_job_id, p.status FROM job_dependencies d "
-            "JOIN jobs p ON p.job_id = d.depends_on_job_id "
-            "WHERE d.job_id = ANY(CAST(:ids AS text[])) ORDER BY d.job_id, d.depends_on_job_id"
-        ),
-        {"ids": ids},
-    )
-    depends_on: dict[str, list[str]] = {}
-    unfinished: dict[str, list[str]] = {}
-    for edge in edges:
-        depends_on.setdefault(edge.job_id, []).append(edge.depends_on_job_id)
-        if edge.status != JobStatus.COMPLETED.value:
-            unfinished.setdefault(edge.job_id, []).append(edge.depends_on_job_id)
     positions = await queue_positions(conn, [r for r in rows if r.status == JobStatus.READY.value])
-    return [
-        _public(
-            r,
-            depends_on.get(r.job_id, []),
-            unfinished.get(r.job_id, []) if r.status == JobStatus.BLOCKED.value else [],
-            positions.get(r.job_id),
-        )
-        for r in rows
-    ]
+    return [_public(r, positions.get(r.job_id)) for r in rows]
 
 
 _LOWEST_BUCKET: Final = -(2**63)
@@ -812,8 +812,11 @@ def _iso(at: datetime | None) -> str | None:
     return iso_z(at) if at is not None else None
 
 
-def _public(row: Any, depends_on: list[str], blocked_by: list[str], position: int | None) -> dict[str, Any]:
+def _public(row: Any, position: int | None) -> dict[str, Any]:
     """The job document of SPEC §3: what was submitted, and the read-only state."""
+    depends_on = [parent for parent, _ in row.dependencies]
+    unfinished = [parent for parent, status in row.dependencies if status != JobStatus.COMPLETED.value]
+    blocked_by = unfinished if row.status == JobStatus.BLOCKED.value else []
     retry: Mapping[str, Any] = {
         "max_attempts": row.max_attempts,
         "backoff_multiplier": row.backoff_multiplier,

@@ -33,7 +33,7 @@ from loadtest.peers import (
 from queue_service.api.submission import parse_one
 from queue_service.core.model import Resources
 from queue_service.db import insight, jobs, migrate
-from queue_service.db.engine import create_engine
+from queue_service.db.engine import autocommit, create_engine
 from queue_service.db.listener import EventListener
 from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
 from queue_service.settings import Settings
@@ -163,8 +163,7 @@ async def _fold_as_the_leader_does(engine: AsyncEngine) -> None:
         async with engine.begin() as conn:
             folded |= await insight.fold_queue_counters(conn)
         if folded and rounds % round(VACUUM_INTERVAL_SECONDS / FOLD_INTERVAL_SECONDS) == 0:
-            async with engine.connect() as conn:
-                await conn.execution_options(isolation_level="AUTOCOMMIT")
+            async with autocommit(engine) as conn:
                 await insight.vacuum_folded(conn)
             folded = False
         if rounds % round(STATISTICS_INTERVAL_SECONDS / FOLD_INTERVAL_SECONDS) == 0:

@@ -31,7 +31,7 @@ import asyncpg
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from queue_service.db import attempts, insight, jobs, retention, schedules
-from queue_service.db.engine import asyncpg_dsn
+from queue_service.db.engine import asyncpg_dsn, autocommit
 from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
 from queue_service.settings import Settings
 
@@ -173,8 +173,7 @@ class Leader:
             duty.last_run = time.monotonic()
             try:
                 if duty.autocommit:
-                    async with self.engine.connect() as conn:
-                        await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    async with autocommit(self.engine) as conn:
                         await duty.run(conn, self.clock())
                 else:
                     async with self.engine.begin() as conn:

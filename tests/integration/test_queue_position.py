@@ -21,6 +21,7 @@ from queue_service.core.model import Priority, Resources
 from queue_service.core.policy import PolicyConfig
 from queue_service.core.validation import parse_job_spec
 from queue_service.db import insight, jobs, tables
+from queue_service.db.engine import autocommit
 
 pytestmark = pytest.mark.integration
 
@@ -256,8 +257,7 @@ async def test_vacuum_after_folding_keeps_the_position_read_small(engine: AsyncE
             assert await insight.fold_queue_counters(conn)
     async with engine.begin() as conn:
         churned = await _position_read_pages(conn, "churn_59_79")
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
+    async with autocommit(engine) as conn:
         await insight.vacuum_folded(conn)
     async with engine.begin() as conn:
         vacuumed = await _position_read_pages(conn, "churn_59_79")

@@ -172,12 +172,9 @@ class Leader:
                 continue
             duty.last_run = time.monotonic()
             try:
-                if duty.autocommit:
-                    async with autocommit(self.engine) as conn:
-                        await duty.run(conn, self.clock())
-                else:
-                    async with self.engine.begin() as conn:
-                        await duty.run(conn, self.clock())
+                unit_of_work = autocommit(self.engine) if duty.autocommit else self.engine.begin()
+                async with unit_of_work as conn:
+                    await duty.run(conn, self.clock())
             except Exception:  # one failing duty must not stop the others, nor end leadership
                 log.exception("leader duty %s failed; trying again next time", duty.name)
 

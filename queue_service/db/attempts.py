@@ -19,7 +19,7 @@ from queue_service.core import execution, states
 from queue_service.core.errors import QueueError
 from queue_service.core.model import ZERO, AttemptOutcome, JobStatus, Resources, RetryConfig
 from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, first_read, is_complete, plan
-from queue_service.db import lifecycle
+from queue_service.db import driver, lifecycle
 from queue_service.db.events import (
     CANCEL_ATTEMPT,
     CHANNEL,
@@ -86,8 +86,9 @@ async def set_paused(conn: AsyncConnection, paused: bool) -> None:
 # a queue a burst has just filled (autovacuum analyses it up to a minute later) the
 # planner took the window for a few rows, fetched every ready job by bitmap and
 # sorted them all to keep the first K — a claim cost grown with the queue.
-_NODE_SQL = sa.text(
-    """
+_NODE_SQL = driver.Statement(
+    sa.text(
+        """
     SELECT set_config('enable_bitmapscan', 'off', true) AS planner,
            n.cpu_capacity, n.memory_capacity, n.status, d.paused,
            (SELECT coalesce(json_agg(json_build_array(
@@ -98,20 +99,24 @@ _NODE_SQL = sa.text(
     WHERE n.node_id = :node
     FOR UPDATE OF n
     """
+    )
 )
 
 # The window is read, not locked: locking K rows per claim would write K row locks
 # when only the few chosen are started. _START_SQL locks those, skipping any another
 # node took meanwhile, so the starts are a subset of the plan, never more.
-_WINDOW_SQL = sa.text(
-    "SELECT job_id, type, priority, attempts, sort_key, cpu_units, memory_mb, timeout_seconds, ready_at "
-    "FROM jobs WHERE status = 'ready' ORDER BY sort_key, job_id LIMIT :window"
+_WINDOW_SQL = driver.Statement(
+    sa.text(
+        "SELECT job_id, type, priority, attempts, sort_key, cpu_units, memory_mb, timeout_seconds, ready_at "
+        "FROM jobs WHERE status = 'ready' ORDER BY sort_key, job_id LIMIT :window"
+    )
 )
 
 # Starting the chosen jobs is one statement: the jobs, their attempt rows, the node's
 # use, the log and the announcements (delivered at commit), all from arrays.
-_START_SQL = sa.text(
-    f"""
+_START_SQL = driver.Statement(
+    sa.text(
+        f"""
     WITH planned AS (
         SELECT * FROM unnest(
             CAST(:ids AS text[]), CAST(:tokens AS uuid[]), CAST(:numbers AS integer[]),
@@ -156,6 +161,7 @@ _START_SQL = sa.text(
     SELECT (SELECT json_object_agg(job_id, payload) FROM started) AS payloads,
            (SELECT count(*) FROM announced) AS announced
     """
+    )
 )
 
 
@@ -169,7 +175,7 @@ async def claim(
     waited for the lock has an earlier end than our starts, so attempt intervals
     on a node never appear to overlap beyond its capacity.
     """
-    node = (await conn.execute(_NODE_SQL, {"node": node_id})).one_or_none()
+    node = await driver.fetchrow(conn, _NODE_SQL, {"node": node_id})
     if node is None or node.status != "active" or node.paused:
         return []
     now = clock()
@@ -179,7 +185,7 @@ async def claim(
     # only when they leave room, and plan() then decides exactly as over the whole window.
     asked = first_read(capacity, running, policy)
     while True:
-        rows = (await conn.execute(_WINDOW_SQL, {"window": asked})).all()
+        rows = await driver.fetch(conn, _WINDOW_SQL, {"window": asked})
         candidates = [
             Candidate(r.job_id, r.sort_key, Resources(r.cpu_units, r.memory_mb), r.timeout_seconds) for r in rows
         ]
@@ -210,25 +216,24 @@ async def _start(
         entries.append(LogEntry(row.job_id, "dispatched", f"to {node_id} ({how})", now, attempt, data=data))
         entries.append(LogEntry(row.job_id, "started", f"attempt {attempt} started", now, attempt))
         changes.append(StatusChange(row.job_id, row.type, row.priority, "running", "ready", attempt, now))
-    result = (
-        await conn.execute(
-            _START_SQL,
-            {
-                "ids": list(tokens),
-                "tokens": list(tokens.values()),
-                "numbers": [numbers[job_id] for job_id in tokens],
-                "cpu": [s.resources.cpu_units for s in starts],
-                "memory": [s.resources.memory_mb for s in starts],
-                "now": now,
-                "node": node_id,
-                "lease_until": now + timedelta(seconds=lease_seconds),
-                **log_arrays(entries),
-                "channel": CHANNEL,
-                "notice_jobs": [c.job_id for c in changes],
-                "notice_payloads": [json.dumps(c.payload(), separators=(",", ":")) for c in changes],
-            },
-        )
-    ).one()
+    result = await driver.one(
+        conn,
+        _START_SQL,
+        {
+            "ids": list(tokens),
+            "tokens": list(tokens.values()),
+            "numbers": [numbers[job_id] for job_id in tokens],
+            "cpu": [s.resources.cpu_units for s in starts],
+            "memory": [s.resources.memory_mb for s in starts],
+            "now": now,
+            "node": node_id,
+            "lease_until": now + timedelta(seconds=lease_seconds),
+            **log_arrays(entries),
+            "channel": CHANNEL,
+            "notice_jobs": [c.job_id for c in changes],
+            "notice_payloads": [json.dumps(c.payload(), separators=(",", ":")) for c in changes],
+        },
+    )
     started = result.payloads or {}  # a job another node started meanwhile is not among them
     return [
         Claim(
@@ -257,11 +262,15 @@ class AttemptEnd:
     result: Any = None
 
 
-_RUNNING_ROWS = """
+_RUNNING_ROWS_SQL = driver.Statement(
+    sa.text(
+        """
     SELECT job_id, type, priority, status, attempts, counted_attempts, attempt_budget, worker_id, cpu_units, memory_mb,
            max_attempts, backoff_multiplier, initial_delay_seconds, max_delay_seconds, jitter, lease_token
     FROM jobs WHERE job_id = ANY(CAST(:ids AS text[])) AND status = 'running' ORDER BY job_id FOR UPDATE
-"""
+    """
+    )
+)
 _CLEAR_LEASE = "lease_token = NULL, lease_expires_at = NULL"
 _FAILURE_EVENTS = {AttemptOutcome.TIMED_OUT: "timed_out", AttemptOutcome.WORKER_LOST: "worker_lost"}
 
@@ -315,7 +324,7 @@ async def end_attempts(
     """Record how attempts ended and move their jobs on, in one round of statements
     for the whole batch (each kind of change is one set-based statement). Returns,
     per ending, whether it was recorded (False: the caller no longer owns it)."""
-    rows = (await conn.execute(sa.text(_RUNNING_ROWS), {"ids": sorted({e.job_id for e in endings})})).all()
+    rows = await driver.fetch(conn, _RUNNING_ROWS_SQL, {"ids": sorted({e.job_id for e in endings})})
     by_id = {row.job_id: row for row in rows}
     owned: dict[str, tuple[Any, AttemptEnd]] = {}
     for ending in endings:
@@ -344,11 +353,12 @@ async def end_attempts(
 # It ends the attempt rows, gives the nodes back what they held, completes the
 # succeeded jobs, writes the log and announces the changes (delivered at commit, in
 # order), and answers whether any completed job has dependants. Its snapshot is taken
-# after _RUNNING_ROWS locked the jobs, so it sees every edge a submitter committed
+# after _RUNNING_ROWS_SQL locked the jobs, so it sees every edge a submitter committed
 # while holding its share lock (see jobs._lock_dependencies). Without dependants to
 # count down (or failures to propagate, when `wake` is false) it also wakes the dispatchers.
-_CLOSE_SQL = sa.text(
-    f"""
+_CLOSE_SQL = driver.Statement(
+    sa.text(
+        f"""
     WITH closed AS (
         UPDATE job_attempts AS a SET ended_at = :now, outcome = u.outcome, error = u.error
         FROM unnest(CAST(:ids AS text[]), CAST(:numbers AS int[]), CAST(:outcomes AS text[]),
@@ -376,6 +386,7 @@ _CLOSE_SQL = sa.text(
     )
     SELECT (SELECT found FROM waiting) AS waiting, (SELECT count(*) FROM announced) AS announced
     """
+    )
 )
 
 
@@ -387,7 +398,8 @@ async def _close(
     for row, _ in owned:
         freed[row.worker_id] = freed.get(row.worker_id, ZERO) + Resources(row.cpu_units, row.memory_mb)
     entries = outcomes.entries
-    result = await conn.execute(
+    result = await driver.one(
+        conn,
         _CLOSE_SQL,
         {
             "now": now,
@@ -405,7 +417,7 @@ async def _close(
             "wake_payload": json.dumps({"event": WAKE_DISPATCH}, separators=(",", ":")),
         },
     )
-    return bool(result.one().waiting)
+    return bool(result.waiting)
 
 
 def _decide(outcomes: _Outcomes, row: Any, end: AttemptEnd, now: datetime) -> None:

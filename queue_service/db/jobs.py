@@ -28,7 +28,7 @@ from queue_service.core.errors import FieldProblem, InvalidJob, UnknownDependenc
 from queue_service.core.model import JobSpec, JobStatus, Resources
 from queue_service.core.policy import PolicyConfig, sort_key
 from queue_service.core.validation import check_schedulable, is_valid_job_id
-from queue_service.db import tables
+from queue_service.db import driver, tables
 from queue_service.db.attempts import JobNotFound
 from queue_service.db.engine import autocommit, is_retryable, translate_errors
 from queue_service.db.errors import IdempotencyKeyConflict, JobIdConflict
@@ -368,8 +368,9 @@ _INSERT_SQL: Final = sa.text(
 # caller runs `submit`, which answers the replay or the conflict) and counts the ready jobs
 # ahead of the new one as POSITIONS_SQL does: the bucket sums of the seconds before its
 # own, plus the ready jobs ahead of it in its second (the new row is not yet visible).
-_INSERT_ALONE_SQL: Final = sa.text(
-    f"""
+_INSERT_ALONE_SQL: Final = driver.Statement(
+    sa.text(
+        f"""
     WITH inserted AS (
         {_INSERT_INTO_JOBS} VALUES (
             :job_id, :type, :priority, 'ready', CAST(:payload AS jsonb), :cpu_units, :memory_mb, :max_attempts,
@@ -402,6 +403,7 @@ _INSERT_ALONE_SQL: Final = sa.text(
             WHERE j.status = 'ready' AND j.sort_key >= :second
               AND (j.sort_key, j.job_id) < (CAST(:sort_key AS float8), CAST(:job_id AS text))) AS position
     """
+    )
 )
 
 
@@ -434,27 +436,26 @@ async def submit_alone(
     second = math.floor(row["sort_key"])
     ranges = bucket_ranges(second)
     with translate_errors():
-        result = (
-            await conn.execute(
-                _INSERT_ALONE_SQL,
-                {
-                    **{column: row[column] for column in _INSERTED_COLUMNS if column not in _FIXED_ALONE},
-                    "payload": json.dumps(row["payload"]),
-                    "now": now,
-                    "log_events": [e.event for e in entries],
-                    "log_messages": [e.message for e in entries],
-                    "log_data": [json.dumps(dict(e.data)) for e in entries],
-                    "channel": CHANNEL,
-                    "notice_payloads": [
-                        json.dumps(m, separators=(",", ":")) for m in (change.payload(), {"event": WAKE_DISPATCH})
-                    ],
-                    "range_levels": [level for level, _, _ in ranges],
-                    "range_lows": [low for _, low, _ in ranges],
-                    "range_highs": [high for _, _, high in ranges],
-                    "second": float(second),
-                },
-            )
-        ).one()
+        result = await driver.one(
+            conn,
+            _INSERT_ALONE_SQL,
+            {
+                **{column: row[column] for column in _INSERTED_COLUMNS if column not in _FIXED_ALONE},
+                "payload": json.dumps(row["payload"]),
+                "now": now,
+                "log_events": [e.event for e in entries],
+                "log_messages": [e.message for e in entries],
+                "log_data": [json.dumps(dict(e.data)) for e in entries],
+                "channel": CHANNEL,
+                "notice_payloads": [
+                    json.dumps(m, separators=(",", ":")) for m in (change.payload(), {"event": WAKE_DISPATCH})
+                ],
+                "range_levels": [level for level, _, _ in ranges],
+                "range_lows": [low for _, low, _ in ranges],
+                "range_highs": [high for _, _, high in ranges],
+                "second": float(second),
+            },
+        )
     if result.inserted is None:
         return None
     answer = {

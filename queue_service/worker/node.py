@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from queue_service.core.model import AttemptOutcome
-from queue_service.db import attempts
+from queue_service.db import attempts, driver
 from queue_service.db.attempts import AttemptEnd, Claim
 from queue_service.db.events import CANCEL_ATTEMPT, JOB_UPDATED, WAKE_DISPATCH
 from queue_service.db.listener import EventListener
@@ -237,7 +237,7 @@ class WorkerNode:
                 continue
             started = time.monotonic()
             try:
-                async with self.engine.begin() as conn:
+                async with driver.transaction(self.engine) as conn:
                     claims = await self._claim(conn)
             except Exception:
                 log.exception("dispatch on %s failed; retrying", self.node_id)
@@ -353,7 +353,7 @@ class WorkerNode:
         for delay in (0.1, 0.5, 1.0, 2.0, None):
             try:
                 claims, claim_seconds = None, 0.0
-                async with self.engine.begin() as conn:
+                async with driver.transaction(self.engine) as conn:
                     owned = await attempts.end_attempts(conn, endings, self.clock(), self.policy)
                     if claiming and not self._stopping:
                         started = time.monotonic()

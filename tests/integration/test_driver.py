@@ -1,0 +1,119 @@
+"""Hot statements on the driver connection: same transaction, same errors, no dead connection reused."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from queue_service.db import driver
+from queue_service.db.engine import autocommit, translate_errors
+from queue_service.db.errors import JobIdConflict
+
+pytestmark = pytest.mark.integration
+
+_INSERT_NODE = driver.Statement(
+    sa.text("INSERT INTO nodes (node_id, cpu_capacity, memory_capacity) VALUES (:node, 4, 1024) RETURNING node_id")
+)
+_INSERT_JOB_ID = driver.Statement(
+    sa.text(
+        "INSERT INTO jobs (job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts,"
+        " backoff_multiplier, initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, request_hash,"
+        " attempt_budget, unfinished_deps, created_at, updated_at, ready_at, sort_key)"
+        " VALUES (:job_id, 'noop', 'normal', 'ready', '{}', 1, 1, 1, 2, 1, 10, 0, 30, 'h', 1, 0,"
+        " now(), now(), now(), 1)"
+    )
+)
+
+
+async def _node_ids(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        return set((await conn.execute(sa.text("SELECT node_id FROM nodes"))).scalars())
+
+
+async def test_a_statement_is_compiled_to_positional_form_once_per_name() -> None:
+    statement = driver.Statement(sa.text("SELECT :a, :b, :a"))
+    assert statement.sql == "SELECT $1, $2, $1"
+    assert statement.arguments({"b": 2, "a": 1}) == [1, 2]
+
+
+async def test_driver_and_sqlalchemy_statements_commit_together(engine: AsyncEngine) -> None:
+    async with driver.transaction(engine) as conn:
+        row = await driver.one(conn, _INSERT_NODE, {"node": "driver-a"})
+        await conn.execute(sa.text("UPDATE nodes SET cpu_used = 1 WHERE node_id = :node"), {"node": "driver-a"})
+    assert row.node_id == "driver-a"  # columns read as attributes, as on SQLAlchemy rows
+    async with engine.connect() as check:
+        used = (await check.execute(sa.text("SELECT cpu_used FROM nodes WHERE node_id = 'driver-a'"))).scalar_one()
+    assert used == 1
+
+
+async def test_an_error_in_the_unit_rolls_back_both_kinds_of_statement(engine: AsyncEngine) -> None:
+    async def abandoned_unit() -> None:
+        async with driver.transaction(engine) as conn:
+            await driver.one(conn, _INSERT_NODE, {"node": "driver-b"})
+            await conn.execute(
+                sa.text("INSERT INTO nodes (node_id, cpu_capacity, memory_capacity) VALUES ('driver-c', 1, 1)")
+            )
+            raise RuntimeError("abandon the unit")
+
+    with pytest.raises(RuntimeError):
+        await abandoned_unit()
+    assert not {"driver-b", "driver-c"} & await _node_ids(engine)
+
+
+async def test_on_a_sqlalchemy_transaction_a_first_driver_statement_is_inside_it(engine: AsyncEngine) -> None:
+    """SQLAlchemy sends BEGIN with its first statement: a driver statement first must not escape."""
+
+    async def abandoned_unit() -> None:
+        async with engine.begin() as conn:
+            await driver.one(conn, _INSERT_NODE, {"node": "driver-d"})
+            raise RuntimeError("roll back")
+
+    with pytest.raises(RuntimeError):
+        await abandoned_unit()
+    assert "driver-d" not in await _node_ids(engine)
+
+
+async def test_a_refused_write_is_the_project_error_and_the_connection_stays_usable(engine: AsyncEngine) -> None:
+    async with autocommit(engine) as conn:
+        await driver.fetchrow(conn, _INSERT_JOB_ID, {"job_id": "driver-job"})
+        with pytest.raises(JobIdConflict), translate_errors():
+            await driver.fetchrow(conn, _INSERT_JOB_ID, {"job_id": "driver-job"})
+        with pytest.raises(sa_exc.IntegrityError) as raised:
+            await driver.fetchrow(conn, _INSERT_JOB_ID, {"job_id": "driver-job"})
+        assert isinstance(raised.value.orig, asyncpg.UniqueViolationError)
+        assert (await driver.one(conn, driver.Statement(sa.text("SELECT 1 AS one")), {})).one == 1
+
+
+async def test_a_connection_the_server_ended_is_an_operational_error_and_not_reused(
+    engine: AsyncEngine, raw_connection: asyncpg.Connection
+) -> None:
+    """The API answers 503 to an OperationalError; the pool must then hand out a live connection.
+    Twenty times: how asyncpg reports the end depends on when it arrives."""
+    select_pid = driver.Statement(sa.text("SELECT pg_backend_pid() AS pid"))
+    for _ in range(20):
+        async with autocommit(engine) as conn:
+            pid = (await driver.one(conn, select_pid, {})).pid
+            await raw_connection.execute("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(sa_exc.OperationalError) as raised:
+                await driver.one(conn, select_pid, {})
+            assert raised.value.connection_invalidated
+        for _ in range(3):  # whichever pooled connection comes next, it answers
+            async with autocommit(engine) as conn:
+                assert (await driver.one(conn, select_pid, {})).pid != pid
+
+
+async def test_a_refused_statement_ends_the_unit_and_the_pool_serves_the_next(engine: AsyncEngine) -> None:
+    broken = driver.Statement(sa.text("SELECT no_such_column FROM nodes WHERE node_id = :node"))
+
+    async def refused_unit() -> None:
+        async with driver.transaction(engine) as conn:
+            await driver.one(conn, _INSERT_NODE, {"node": "driver-e"})
+            await driver.fetch(conn, broken, {"node": "driver-e"})
+
+    for _ in range(3):  # the engine's pool has two connections: each is reused after a failed unit
+        with pytest.raises(sa_exc.ProgrammingError):
+            await refused_unit()
+        assert "driver-e" not in await _node_ids(engine)

@@ -104,7 +104,7 @@ async def submit_request(
             return [alone]
     for attempt in range(1, SUBMIT_ATTEMPTS + 1):
         try:
-            async with engine.begin() as conn:
+            async with driver.transaction(engine) as conn:
                 return await submit(conn, specs, request_hashes, clock(), policy, await capacities(conn))
         except DBAPIError as error:
             # A deadlock with a completing dependency (we share-lock a parent and its child
@@ -184,19 +184,19 @@ async def _submit_once(
     ]
 
 
+_REPLAYS_SQL: Final = driver.Statement(
+    sa.text(
+        "SELECT job_id, idempotency_key, request_hash FROM jobs "
+        "WHERE job_id = ANY(CAST(:ids AS text[])) OR idempotency_key = ANY(CAST(:keys AS text[]))"
+    )
+)
+
+
 async def _replays(conn: AsyncConnection, specs: Sequence[JobSpec], hashes: Sequence[str]) -> dict[str, str]:
     """Map each spec that repeats a stored submission to the stored job's id; raise
     on a stored id or key that came with a different body."""
     keys = [s.idempotency_key for s in specs if s.idempotency_key is not None]
-    rows = (
-        await conn.execute(
-            sa.text(
-                "SELECT job_id, idempotency_key, request_hash FROM jobs "
-                "WHERE job_id = ANY(CAST(:ids AS text[])) OR idempotency_key = ANY(CAST(:keys AS text[]))"
-            ),
-            {"ids": [s.job_id for s in specs], "keys": keys},
-        )
-    ).all()
+    rows = await driver.fetch(conn, _REPLAYS_SQL, {"ids": [s.job_id for s in specs], "keys": keys})
     by_id = {r.job_id: r for r in rows}
     by_key = {r.idempotency_key: r for r in rows if r.idempotency_key is not None}
     originals: dict[str, str] = {}
@@ -242,7 +242,8 @@ async def _create(
     notices: list[tuple[str | None, Mapping[str, Any]]] = [(c.job_id, c.payload()) for c in changes]
     notices.append((None, {"event": WAKE_DISPATCH}))
     with translate_errors():
-        result = await conn.execute(
+        result = await driver.one(
+            conn,
             _INSERT_SQL,
             {
                 **{column: [row[column] for row in rows] for column in _INSERTED_COLUMNS},
@@ -259,7 +260,7 @@ async def _create(
                 "notice_payloads": [json.dumps(m, separators=(",", ":")) for _, m in notices],
             },
         )
-        if set(result.scalar_one()) != new_ids:
+        if set(result.inserted) != new_ids:
             # ON CONFLICT waited for the concurrent transaction that holds the same id or key,
             # and it committed. Re-run: the replay check now sees its row and compares hashes.
             raise _LostRace
@@ -314,8 +315,9 @@ _INSERT_INTO_JOBS: Final = """INSERT INTO jobs (
 # build: the jobs from arrays, then only for the rows really inserted (ON CONFLICT
 # skips a job id or key a concurrent transaction committed first) their edges, log
 # entries and announcements. So a lost race writes nothing at all.
-_INSERT_SQL: Final = sa.text(
-    f"""
+_INSERT_SQL: Final = driver.Statement(
+    sa.text(
+        f"""
     WITH inserted AS (
         {_INSERT_INTO_JOBS}
         SELECT j.job_id, j.type, j.priority, j.status, CAST(j.payload AS jsonb), j.cpu_units, j.memory_mb,
@@ -359,6 +361,7 @@ _INSERT_SQL: Final = sa.text(
     )
     SELECT ARRAY(SELECT job_id FROM inserted) AS inserted, (SELECT count(*) FROM announced) AS announced
     """
+    )
 )
 
 
@@ -472,6 +475,12 @@ async def submit_alone(
 _FIXED_ALONE: Final = frozenset({"status", "unfinished_deps"})
 
 
+# Locked in id order, as everything else locks jobs, so lockers cannot deadlock.
+_LOCK_DEPENDENCIES_SQL: Final = driver.Statement(
+    sa.text("SELECT job_id, status FROM jobs WHERE job_id = ANY(CAST(:ids AS text[])) ORDER BY job_id FOR SHARE")
+)
+
+
 async def _lock_dependencies(
     conn: AsyncConnection, specs: Sequence[JobSpec], new_ids: set[str]
 ) -> dict[str, JobStatus]:
@@ -488,11 +497,7 @@ async def _lock_dependencies(
     wanted = list(dict.fromkeys(d for spec in specs for d in spec.depends_on if d not in new_ids))
     if not wanted:
         return {}
-    rows = await conn.execute(
-        # Locked in id order, as everything else locks jobs, so lockers cannot deadlock.
-        sa.text("SELECT job_id, status FROM jobs WHERE job_id = ANY(CAST(:ids AS text[])) ORDER BY job_id FOR SHARE"),
-        {"ids": wanted},
-    )
+    rows = await driver.fetch(conn, _LOCK_DEPENDENCIES_SQL, {"ids": wanted})
     statuses = {r.job_id: JobStatus(r.status) for r in rows}
     missing = [d for d in wanted if d not in statuses]
     if missing:
@@ -725,8 +730,9 @@ _LOWEST_BUCKET: Final = -(2**63)
 # (folded base rows and not yet folded deltas) of the ranges `bucket_ranges` names
 # for that second, plus each job's number among the ready jobs of its own second,
 # numbered on the ready-queue index up to the last asked-for job of that second.
-POSITIONS_SQL: Final = sa.text(
-    """
+POSITIONS_SQL: Final = driver.Statement(
+    sa.text(
+        """
     WITH seconds AS (
         SELECT * FROM unnest(
             CAST(:seconds AS float8[]), CAST(:last_keys AS float8[]), CAST(:last_ids AS text[])
@@ -757,6 +763,7 @@ POSITIONS_SQL: Final = sa.text(
     ) AS numbered
     WHERE numbered.job_id = ANY(CAST(:ids AS text[]))
     """
+    )
 )
 
 
@@ -805,7 +812,7 @@ async def queue_positions(conn: AsyncConnection, ready: Sequence[Any]) -> dict[s
     """
     if not ready:
         return {}
-    rows = await conn.execute(POSITIONS_SQL, positions_parameters(ready))
+    rows = await driver.fetch(conn, POSITIONS_SQL, positions_parameters(ready))
     return {r.job_id: int(r.position) for r in rows}
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 
 import networkx as nx
 
@@ -64,16 +64,17 @@ def check_acyclic(depends_on: Mapping[str, Sequence[str]]) -> None:
 def count_unfinished(
     depends_on: Sequence[str],
     existing_status: Mapping[str, JobStatus],
-    batch_ids: Iterable[str] = (),
+    batch_ids: Container[str] = frozenset(),
 ) -> int:
     """How many dependencies are not yet completed, after checking they can complete.
 
     `existing_status` holds the stored jobs among `depends_on`; `batch_ids` the ids
-    submitted together with this job (they are new, hence unfinished). Raises
+    submitted together with this job (they are new, hence unfinished), as a set the
+    caller builds once: copying it per job made a batch quadratic. Raises
     UnknownDependency for ids in neither, DependencyNotViable for ones already
     failed or cancelled.
     """
-    in_batch = set(batch_ids)
+    in_batch = batch_ids
     missing = [dep for dep in depends_on if dep not in existing_status and dep not in in_batch]
     if missing:
         raise UnknownDependency(missing)

@@ -128,6 +128,9 @@ def payload_size(payload: object) -> int:
     return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
 
 
+_RESOURCES = Resources(c.DEFAULT_CPU_UNITS, c.DEFAULT_MEMORY_MB)
+
+
 def parse_job_spec(data: Mapping[str, Any], *, default_job_id: str) -> JobSpec:
     """Validate a submitted job; raise InvalidJob listing every problem, or
     PayloadTooLarge when the payload alone is over the limit."""
@@ -161,10 +164,17 @@ def parse_job_spec(data: Mapping[str, Any], *, default_job_id: str) -> JobSpec:
         except InvalidJob as invalid:
             check.problems.extend(invalid.problems)
 
-    resources = _resources(check, data.get("resource_requirements", {}))
-    depends_on = _depends_on(check, data.get("depends_on", []), job_id)
-    retry = _retry(check, data.get("retry_config", {}))
-    timeout = check.number(data.get("timeout_seconds", c.DEFAULT_TIMEOUT_SECONDS), ("timeout_seconds",), 0, strict=True)
+    # An omitted section is its defaults, valid by construction: only what the client
+    # sent is checked (most jobs send a type and a payload; checking defaults was a
+    # third of parsing them).
+    resources = _resources(check, data["resource_requirements"]) if "resource_requirements" in data else _RESOURCES
+    depends_on = _depends_on(check, data["depends_on"], job_id) if "depends_on" in data else ()
+    retry = _retry(check, data["retry_config"]) if "retry_config" in data else RetryConfig()
+    timeout = (
+        check.number(data["timeout_seconds"], ("timeout_seconds",), 0, strict=True)
+        if "timeout_seconds" in data
+        else c.DEFAULT_TIMEOUT_SECONDS
+    )
 
     key = data.get("idempotency_key")
     if key is not None and (not isinstance(key, str) or not 1 <= len(key) <= c.IDEMPOTENCY_KEY_MAX_LENGTH):

@@ -28,6 +28,7 @@ from queue_service.db.events import (
     LogEntry,
     StatusChange,
     announce,
+    compact_json,
     log_arrays,
     write_log,
 )
@@ -231,7 +232,7 @@ async def _start(
             **log_arrays(entries),
             "channel": CHANNEL,
             "notice_jobs": [c.job_id for c in changes],
-            "notice_payloads": [json.dumps(c.payload(), separators=(",", ":")) for c in changes],
+            "notice_payloads": [compact_json(c.payload()) for c in changes],
         },
     )
     started = result.payloads or {}  # a job another node started meanwhile is not among them
@@ -412,9 +413,9 @@ async def _close(
             "results": [result for _, result in outcomes.completed],
             **log_arrays(entries),
             "channel": CHANNEL,
-            "notices": [json.dumps(c.payload(), separators=(",", ":")) for c in outcomes.changes],
+            "notices": [compact_json(c.payload()) for c in outcomes.changes],
             "wake": wake,
-            "wake_payload": json.dumps({"event": WAKE_DISPATCH}, separators=(",", ":")),
+            "wake_payload": compact_json({"event": WAKE_DISPATCH}),
         },
     )
     return bool(result.waiting)

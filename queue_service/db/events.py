@@ -7,13 +7,13 @@ transaction commits, so a listener never hears of a change that rolled back.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, Final
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -24,6 +24,13 @@ CHANNEL: Final = "taskqueue_events"
 WAKE_DISPATCH: Final = "dispatch.wake"
 CANCEL_ATTEMPT: Final = "attempt.cancel"
 JOB_UPDATED: Final = "job.updated"
+
+
+def compact_json(document: Mapping[str, Any]) -> str:
+    """One of our own documents (an announcement, a log entry's data) as compact JSON:
+    orjson, a tenth of the standard encoder's time on every job's every change. Never
+    for client documents: orjson refuses integers past 64 bits, which JSON allows."""
+    return orjson.dumps(document if isinstance(document, dict) else dict(document)).decode()
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ def log_arrays(entries: Sequence[LogEntry]) -> dict[str, list[Any]]:
         "log_levels": [e.level for e in entries],
         "log_events": [e.event for e in entries],
         "log_messages": [e.message for e in entries],
-        "log_data": [json.dumps(dict(e.data)) for e in entries],
+        "log_data": [compact_json(e.data) for e in entries],
     }
 
 
@@ -117,7 +124,7 @@ async def announce(conn: AsyncConnection, messages: Sequence[Mapping[str, Any]])
         return
     await conn.execute(
         sa.text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"),
-        {"channel": CHANNEL, "payloads": [json.dumps(m, separators=(",", ":")) for m in messages]},
+        {"channel": CHANNEL, "payloads": [compact_json(m) for m in messages]},
     )
 
 

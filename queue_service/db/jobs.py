@@ -32,7 +32,7 @@ from queue_service.db import driver, tables
 from queue_service.db.attempts import JobNotFound
 from queue_service.db.engine import autocommit, is_retryable, translate_errors
 from queue_service.db.errors import IdempotencyKeyConflict, JobIdConflict
-from queue_service.db.events import CHANNEL, WAKE_DISPATCH, LogEntry, StatusChange, iso_z
+from queue_service.db.events import CHANNEL, WAKE_DISPATCH, LogEntry, StatusChange, compact_json, iso_z
 from queue_service.db.lifecycle import epoch
 
 # Rows per multi-VALUES insert: ~21 parameters a row stays well under the
@@ -254,10 +254,10 @@ async def _create(
                 "log_jobs": [e.job_id for e in entries],
                 "log_events": [e.event for e in entries],
                 "log_messages": [e.message for e in entries],
-                "log_data": [json.dumps(dict(e.data)) for e in entries],
+                "log_data": [compact_json(e.data) for e in entries],
                 "channel": CHANNEL,
                 "notice_jobs": [job_id for job_id, _ in notices],
-                "notice_payloads": [json.dumps(m, separators=(",", ":")) for _, m in notices],
+                "notice_payloads": [compact_json(m) for _, m in notices],
             },
         )
         if set(result.inserted) != new_ids:
@@ -448,11 +448,9 @@ async def submit_alone(
                 "now": now,
                 "log_events": [e.event for e in entries],
                 "log_messages": [e.message for e in entries],
-                "log_data": [json.dumps(dict(e.data)) for e in entries],
+                "log_data": [compact_json(e.data) for e in entries],
                 "channel": CHANNEL,
-                "notice_payloads": [
-                    json.dumps(m, separators=(",", ":")) for m in (change.payload(), {"event": WAKE_DISPATCH})
-                ],
+                "notice_payloads": [compact_json(m) for m in (change.payload(), {"event": WAKE_DISPATCH})],
                 "range_levels": [level for level, _, _ in ranges],
                 "range_lows": [low for _, low, _ in ranges],
                 "range_highs": [high for _, _, high in ranges],

@@ -53,6 +53,17 @@ def test_defaults_fill_every_omitted_field() -> None:
     )
 
 
+def test_an_omitted_section_means_the_same_as_an_empty_one() -> None:
+    """Omitted sections take their defaults unchecked: they must be what the checks give."""
+    empty_sections = {"resource_requirements": {}, "retry_config": {}, "depends_on": []}
+    assert parse({"type": "send_email"}) == parse({"type": "send_email", **empty_sections})
+
+
+@pytest.mark.parametrize("section", ["resource_requirements", "retry_config", "depends_on", "timeout_seconds"])
+def test_a_section_sent_as_null_is_refused_not_taken_for_omitted(section: str) -> None:
+    assert problem_locs({"type": "send_email", section: None}) == [(section,)]
+
+
 def test_every_field_given_is_kept() -> None:
     spec = parse(
         {

@@ -3,7 +3,9 @@
 Starts `taskqueue serve` as a process on a fresh database and measures, in one run:
 - 1000 jobs accepted one POST at a time by one client, by 16 concurrent clients,
   and as one POST /jobs/batch (dispatch paused, so only the API is measured);
-- 3000 no-op jobs drained by one node (jobs/s from resume to the last completion);
+- 3000 no-op jobs drained by one node (jobs/s from resume to the last completion), and
+  the 3000 the POST measures left waiting by two (a `taskqueue worker` process joins
+  the service's own node), after the reads;
 - GET /jobs/{id} latency p50/p99 over 2000 requests;
 - the service process's RSS before and after 100,000 jobs submitted, run and read
   (`--rss-jobs`).
@@ -102,6 +104,34 @@ def service(database_url: str) -> Iterator[Service]:
         process.wait(timeout=60)
 
 
+@contextmanager
+def second_node(database_url: str) -> Iterator[None]:
+    """A `taskqueue worker` process beside the service's node, of the same default size."""
+    env = {**os.environ, "DATABASE_URL": database_url, "TASKQUEUE_POLL_INTERVAL_SECONDS": "0.5"}
+    process = subprocess.Popen(
+        [TASKQUEUE, "worker", "--node-id", "bench-node-2"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+async def active_nodes(client: httpx.AsyncClient, count: int, timeout: float = 60) -> None:
+    """Wait until `count` nodes are registered and active."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        nodes = (await client.get("/admin/api/overview")).json()["nodes"]
+        if sum(1 for node in nodes if node["status"] == "active") >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"fewer than {count} active nodes after {timeout} s")
+
+
 def job(prefix: str, index: int, job_type: str = "noop") -> dict[str, Any]:
     return {"job_id": f"{prefix}_{index:05d}", "type": job_type, "payload": {"simulate": {"duration_seconds": 0}}}
 
@@ -138,6 +168,11 @@ async def drain(client: httpx.AsyncClient, count: int) -> float:
     for start in range(0, count, 500):
         batch = [job("drain", i) for i in range(start, min(count, start + 500))]
         (await client.post("/jobs/batch", json=batch)).raise_for_status()
+    return await drain_waiting(client, count)
+
+
+async def drain_waiting(client: httpx.AsyncClient, count: int) -> float:
+    """Resume, and time until none of the `count` waiting jobs is left."""
     started = time.perf_counter()
     (await client.post("/dispatch/resume")).raise_for_status()
     while True:
@@ -173,18 +208,24 @@ async def memory_growth(client: httpx.AsyncClient, pid: int, count: int) -> dict
     return {"jobs": count, "before_mb": before, "after_mb": after, "growth_mb": after - before}
 
 
-async def measure(base: str, pid: int, rss_jobs: int) -> dict[str, Any]:
+async def measure(base: str, pid: int, database_url: str, rss_jobs: int) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=32)
     async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
         (await client.post("/dispatch/pause")).raise_for_status()
         drained = await drain(client, 3000)
-        (await client.post("/dispatch/pause")).raise_for_status()  # the API alone from here on
-        return {
+        (await client.post("/dispatch/pause")).raise_for_status()  # the API alone, until the two-node drain
+        results = {
             "drain_jobs_per_s": drained,
             "post_sequential_jobs_per_s": await one_at_a_time(client, "seq", 1000),
             "post_16_clients_jobs_per_s": await concurrent(client, "conc", 1000, 16),
             "post_batch_jobs_per_s": await one_batch(client, "batch", 1000),
             "get_job_ms": dict(zip(("p50", "p99"), await read_latency(client, 2000), strict=True)),
+        }
+        with second_node(database_url):  # the 3000 jobs the POST measures left waiting
+            await active_nodes(client, 2)
+            results["drain_two_nodes_jobs_per_s"] = await drain_waiting(client, 3000)
+        return {
+            **results,
             "rss": await memory_growth(client, pid, rss_jobs) if rss_jobs else None,
         }
 
@@ -195,12 +236,13 @@ def main() -> None:
     parser.add_argument("--rss-jobs", type=int, default=100_000, help="jobs run for the memory measure (0: skip)")
     args = parser.parse_args()
     with server_url() as url, fresh_database(url) as database, service(database) as running:
-        results = asyncio.run(measure(running.base, running.pid, args.rss_jobs))
+        results = asyncio.run(measure(running.base, running.pid, database, args.rss_jobs))
     print("| measure | value |\n|---|---|")
     print(f"| 1000 POST /jobs, one client | {results['post_sequential_jobs_per_s']:.0f} jobs/s |")
     print(f"| 1000 POST /jobs, 16 concurrent clients | {results['post_16_clients_jobs_per_s']:.0f} jobs/s |")
     print(f"| 1000 jobs in one POST /jobs/batch | {results['post_batch_jobs_per_s']:.0f} jobs/s |")
     print(f"| drain 3000 no-op jobs on one node | {results['drain_jobs_per_s']:.0f} jobs/s |")
+    print(f"| drain 3000 no-op jobs on two nodes | {results['drain_two_nodes_jobs_per_s']:.0f} jobs/s |")
     latency = results["get_job_ms"]
     print(f"| GET /jobs/{{id}} p50 / p99 | {latency['p50']:.1f} / {latency['p99']:.1f} ms |")
     if (rss := results["rss"]) is not None:

@@ -111,6 +111,8 @@ def service_section(results: dict[str, Any]) -> list[str]:
         f"| 1000 POST /jobs, 16 concurrent clients | {results['post_16_clients_jobs_per_s']:.0f} jobs/s |",
         f"| 1000 jobs in one POST /jobs/batch | {results['post_batch_jobs_per_s']:.0f} jobs/s |",
         f"| 3000 no-op jobs drained on one node | {results['drain_jobs_per_s']:.0f} jobs/s |",
+        f"| 3000 no-op jobs drained on two nodes (the service's and a `taskqueue worker`) "
+        f"| {results['drain_two_nodes_jobs_per_s']:.0f} jobs/s |",
         f"| GET /jobs/{{id}} p50 / p99 | {latency['p50']:.1f} / {latency['p99']:.1f} ms |",
         *(
             [

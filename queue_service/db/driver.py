@@ -17,6 +17,7 @@ is invalidated so the pool does not hand it out again).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -69,17 +70,28 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     async with autocommit(engine) as conn:
         raw = await _driver_connection(conn)
         async with _translated(conn, raw, "BEGIN", ()):
-            unit = raw.transaction()
-            await unit.start()
+            await raw.execute("BEGIN")
         try:
             yield conn
         except BaseException:
-            if not raw.is_closed():
-                async with _translated(conn, raw, "ROLLBACK", ()):
-                    await unit.rollback()
+            await _roll_back(conn, raw)
             raise
-        async with _translated(conn, raw, "COMMIT", ()):
-            await unit.commit()
+        try:
+            async with _translated(conn, raw, "COMMIT", ()):
+                await raw.execute("COMMIT")
+        except BaseException:
+            await _roll_back(conn, raw)
+            raise
+
+
+async def _roll_back(conn: AsyncConnection, raw: asyncpg.Connection) -> None:
+    """End the unit; a connection still in a transaction (or gone) is not pooled again.
+    SQLAlchemy's own reset on return cannot do it: in autocommit mode it sends nothing."""
+    with contextlib.suppress(Exception):
+        if not raw.is_closed() and raw.is_in_transaction():
+            await raw.execute("ROLLBACK")
+    if raw.is_closed() or raw.is_in_transaction():
+        await conn.invalidate()
 
 
 async def one(conn: AsyncConnection, statement: Statement, params: Mapping[str, Any]) -> Row:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 import sqlalchemy as sa
@@ -117,3 +119,27 @@ async def test_a_refused_statement_ends_the_unit_and_the_pool_serves_the_next(en
         with pytest.raises(sa_exc.ProgrammingError):
             await refused_unit()
         assert "driver-e" not in await _node_ids(engine)
+
+
+async def test_a_unit_cancelled_mid_statement_leaves_no_open_transaction_in_the_pool(engine: AsyncEngine) -> None:
+    """SQLAlchemy's reset on return sends nothing in autocommit mode: the unit itself must
+    end the transaction, or not pool the connection again."""
+    sleep = driver.Statement(sa.text("SELECT pg_sleep(:seconds) AS slept"))
+
+    async def slow_unit() -> None:
+        async with driver.transaction(engine) as conn:
+            await driver.one(conn, _INSERT_NODE, {"node": "driver-f"})
+            await driver.one(conn, sleep, {"seconds": 5})
+
+    task = asyncio.create_task(slow_unit())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(3):  # the engine's pool has two connections
+        async with autocommit(engine) as conn:
+            raw = (await conn.get_raw_connection()).driver_connection
+            assert isinstance(raw, asyncpg.Connection)
+            assert not raw.is_in_transaction()
+            assert (await driver.one(conn, driver.Statement(sa.text("SELECT 1 AS one")), {})).one == 1
+    assert "driver-f" not in await _node_ids(engine)

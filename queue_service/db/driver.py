@@ -66,7 +66,7 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     """A unit of work for the hot paths: a pooled connection on which SQLAlchemy
     issues no BEGIN of its own (autocommit mode) and a driver transaction is open,
     so SQLAlchemy and driver statements alike run inside it. Commits when the block
-    ends, rolls back if it raises. Replaces `engine.begin()` where every round trip counts."""
+    ends, rolls back if it raises. Replaces `engine.begin()` where each statement's cost counts."""
     async with autocommit(engine) as conn:
         raw = await _driver_connection(conn)
         async with _translated(conn, raw, "BEGIN", ()):

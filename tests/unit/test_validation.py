@@ -55,7 +55,7 @@ def test_defaults_fill_every_omitted_field() -> None:
 
 def test_an_omitted_section_means_the_same_as_an_empty_one() -> None:
     """Omitted sections take their defaults unchecked: they must be what the checks give."""
-    empty_sections = {"resource_requirements": {}, "retry_config": {}, "depends_on": []}
+    empty_sections: dict[str, Any] = {"resource_requirements": {}, "retry_config": {}, "depends_on": []}
     assert parse({"type": "send_email"}) == parse({"type": "send_email", **empty_sections})
 
 

@@ -74,18 +74,17 @@ def count_unfinished(
     UnknownDependency for ids in neither, DependencyNotViable for ones already
     failed or cancelled.
     """
-    in_batch = batch_ids
-    missing = [dep for dep in depends_on if dep not in existing_status and dep not in in_batch]
+    missing = [dep for dep in depends_on if dep not in existing_status and dep not in batch_ids]
     if missing:
         raise UnknownDependency(missing)
     dead = [
         (dep, existing_status[dep].value)
         for dep in depends_on
-        if dep not in in_batch and existing_status[dep] in (JobStatus.FAILED, JobStatus.CANCELLED)
+        if dep not in batch_ids and existing_status[dep] in (JobStatus.FAILED, JobStatus.CANCELLED)
     ]
     if dead:
         raise DependencyNotViable(dead)
-    return sum(1 for dep in depends_on if dep in in_batch or existing_status[dep] is not JobStatus.COMPLETED)
+    return sum(1 for dep in depends_on if dep in batch_ids or existing_status[dep] is not JobStatus.COMPLETED)
 
 
 def descendants_in_order(root: str, dependants: Callable[[str], Iterable[str]]) -> list[str]:

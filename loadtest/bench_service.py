@@ -78,19 +78,24 @@ class Service:
 
 
 @contextmanager
+def taskqueue(database_url: str, *arguments: str) -> Iterator[int]:
+    """A `taskqueue` command as a process on `database_url`, ended by SIGTERM; yields its pid."""
+    env = {**os.environ, "DATABASE_URL": database_url, "TASKQUEUE_POLL_INTERVAL_SECONDS": "0.5"}
+    process = subprocess.Popen([TASKQUEUE, *arguments], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield process.pid
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@contextmanager
 def service(database_url: str) -> Iterator[Service]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = {**os.environ, "DATABASE_URL": database_url, "TASKQUEUE_POLL_INTERVAL_SECONDS": "0.5"}
-    process = subprocess.Popen(
-        [TASKQUEUE, "serve", "--port", str(port), "--node-id", "bench-node"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
+    with taskqueue(database_url, "serve", "--port", str(port), "--node-id", "bench-node") as pid:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
@@ -98,27 +103,7 @@ def service(database_url: str) -> Iterator[Service]:
                     break
             except httpx.TransportError:
                 time.sleep(0.1)
-        yield Service(base, process.pid)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
-
-
-@contextmanager
-def second_node(database_url: str) -> Iterator[None]:
-    """A `taskqueue worker` process beside the service's node, of the same default size."""
-    env = {**os.environ, "DATABASE_URL": database_url, "TASKQUEUE_POLL_INTERVAL_SECONDS": "0.5"}
-    process = subprocess.Popen(
-        [TASKQUEUE, "worker", "--node-id", "bench-node-2"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        yield Service(base, pid)
 
 
 async def active_nodes(client: httpx.AsyncClient, count: int, timeout: float = 60) -> None:
@@ -221,7 +206,8 @@ async def measure(base: str, pid: int, database_url: str, rss_jobs: int) -> dict
             "post_batch_jobs_per_s": await one_batch(client, "batch", 1000),
             "get_job_ms": dict(zip(("p50", "p99"), await read_latency(client, 2000), strict=True)),
         }
-        with second_node(database_url):  # the 3000 jobs the POST measures left waiting
+        # A second node of the same default size, for the 3000 jobs the POST measures left waiting.
+        with taskqueue(database_url, "worker", "--node-id", "bench-node-2"):
             await active_nodes(client, 2)
             results["drain_two_nodes_jobs_per_s"] = await drain_waiting(client, 3000)
         return {

@@ -51,7 +51,7 @@ from queue_service.api.submission import parse_one
 from queue_service.core.model import AttemptOutcome
 from queue_service.db import attempts, jobs, migrate
 from queue_service.db.attempts import AttemptEnd, Ending
-from queue_service.db.engine import create_engine
+from queue_service.db.engine import autocommit, create_engine
 from queue_service.settings import Settings
 
 NODE: Final = "bench-node"
@@ -164,9 +164,8 @@ async def seed(engine: AsyncEngine, table: Table) -> None:
             first += count
         # As the leader's periodic fold would have by now: one position-bucket row per bucket.
         await conn.execute(sa.text("SELECT queue_rank_compact()"))
-    async with engine.connect() as conn:
-        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await autocommit.execute(sa.text("VACUUM ANALYZE"))
+    async with autocommit(engine) as conn:
+        await conn.execute(sa.text("VACUUM ANALYZE"))
 
 
 async def prepare(engine: AsyncEngine, settings: Settings) -> Fixture:
@@ -215,9 +214,8 @@ async def prepare(engine: AsyncEngine, settings: Settings) -> Fixture:
         order = "FROM jobs WHERE status = 'ready' ORDER BY sort_key {0}, job_id {0} LIMIT 1"
         front = (await conn.execute(sa.text("SELECT job_id " + order.format("ASC")))).scalar_one()
         back = (await conn.execute(sa.text("SELECT job_id " + order.format("DESC")))).scalar_one()
-    async with engine.connect() as conn:
-        autocommit = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await autocommit.execute(sa.text("ANALYZE"))
+    async with autocommit(engine) as conn:
+        await conn.execute(sa.text("ANALYZE"))
     return Fixture(completed, front, back, parent, lease)
 
 

@@ -199,8 +199,7 @@ async def test_a_lone_submission_answers_its_exact_position(engine: AsyncEngine,
         spec = parse_job_spec(
             {"type": "report", "priority": rng.choice(list(Priority)).value}, default_job_id=f"new{index:03d}"
         )
-        async with engine.connect() as conn:
-            await conn.execution_options(isolation_level="AUTOCOMMIT")
+        async with autocommit(engine) as conn:
             submitted = await jobs.submit_alone(conn, spec, "digest", datetime.now(UTC), policy, capacities)
             if index % 10 == 9:
                 await conn.execute(sa.text("SELECT queue_rank_compact()"))
@@ -218,8 +217,7 @@ async def test_a_lone_submission_answers_its_exact_position(engine: AsyncEngine,
             ).scalar_one()
         assert submitted.job["position_in_queue"] == expected, spec.priority
     # The same id again writes nothing and answers None: `submit` then tells replay from conflict.
-    async with engine.connect() as conn:
-        await conn.execution_options(isolation_level="AUTOCOMMIT")
+    async with autocommit(engine) as conn:
         again = await jobs.submit_alone(conn, spec, "digest", datetime.now(UTC), policy, capacities)
         assert again is None
         events = (

@@ -60,7 +60,8 @@ class StartStamps:
         self._queue.put_nowait(time.perf_counter())
 
     async def next(self) -> float:
-        return await asyncio.wait_for(self._queue.get(), timeout=START_TIMEOUT_SECONDS)
+        async with asyncio.timeout(START_TIMEOUT_SECONDS):
+            return await self._queue.get()
 
 
 async def sample_latencies(

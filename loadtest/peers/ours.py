@@ -133,7 +133,8 @@ async def _measure_beside_folding(
         counter.expect(count)
         started = time.perf_counter()
         await node.start()
-        await asyncio.wait_for(_all_completed(engine, counter), timeout=DRAIN_TIMEOUT_SECONDS)
+        async with asyncio.timeout(DRAIN_TIMEOUT_SECONDS):
+            await _all_completed(engine, counter)
         result.drain_per_s = rate(count, time.perf_counter() - started)
 
         latency_mode = True

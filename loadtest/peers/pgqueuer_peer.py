@@ -76,7 +76,8 @@ async def _measure(queries: Queries, consumer: asyncpg.Connection, jobs: int, sa
     manager = _worker(consumer, counter, stamps)
     started = time.perf_counter()
     run = asyncio.create_task(manager.run())
-    await asyncio.wait_for(counter.reached.wait(), timeout=DRAIN_TIMEOUT_SECONDS)
+    async with asyncio.timeout(DRAIN_TIMEOUT_SECONDS):
+        await counter.reached.wait()
     manager.shutdown.set()
     await run
     result.drain_per_s = rate(jobs, time.perf_counter() - started)

@@ -59,9 +59,8 @@ async def _measure(app: procrastinate.App, task: Any, stamps: StartStamps, jobs:
     result.enqueue_one_per_s = rate(jobs, await timed(one_by_one))
 
     started = time.perf_counter()
-    await asyncio.wait_for(
-        app.run_worker_async(wait=False, install_signal_handlers=False), timeout=DRAIN_TIMEOUT_SECONDS
-    )
+    async with asyncio.timeout(DRAIN_TIMEOUT_SECONDS):
+        await app.run_worker_async(wait=False, install_signal_handlers=False)
     result.drain_per_s = rate(jobs, time.perf_counter() - started)
 
     worker = asyncio.create_task(app.run_worker_async(wait=True, install_signal_handlers=False))

@@ -19,6 +19,7 @@ import asyncpg
 
 from queue_service.db.engine import asyncpg_dsn
 from queue_service.db.events import CHANNEL
+from queue_service.timeouts import event_set_within
 
 RECONNECT_SECONDS: Final = 1.0
 CHECK_SECONDS: Final = 5.0
@@ -46,8 +47,7 @@ class EventListener:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="event-listener")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.connected.wait(), timeout=10)
+        await event_set_within(self.connected, 10)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -79,9 +79,7 @@ class EventListener:
                 # Whatever was announced while we were away is covered by a wake-up.
                 self._deliver(None, 0, CHANNEL, '{"event": "dispatch.wake"}')
                 while not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), timeout=CHECK_SECONDS)
-                    if not lost.is_set():
+                    if not await event_set_within(lost, CHECK_SECONDS):
                         await connection.fetchval("SELECT 1", timeout=NETWORK_TIMEOUT_SECONDS)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:  # TimeoutError is an OSError
                 log.warning("event listener disconnected: %s: %s", type(error).__name__, error)

@@ -34,6 +34,7 @@ from queue_service.db import attempts, insight, jobs, retention, schedules
 from queue_service.db.engine import asyncpg_dsn, autocommit
 from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
 from queue_service.settings import Settings
+from queue_service.timeouts import event_set_within
 
 log = logging.getLogger(__name__)
 
@@ -147,21 +148,19 @@ class Leader:
         while True:
             await self._run_due_duties()
             # A round trip on the lock's own connection: if it is gone, so is the lock.
-            await asyncio.wait_for(connection.fetchval("SELECT 1"), timeout=CONNECT_TIMEOUT_SECONDS)
+            await connection.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT_SECONDS)
             await self._wait(lost, self.settings.leader_interval_seconds)
 
     @staticmethod
     async def _wait(lost: asyncio.Event, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(lost.wait(), timeout=seconds)
-        if lost.is_set():
+        if await event_set_within(lost, seconds):
             raise ConnectionError("the leader lock's connection closed")
 
     async def _close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None and not connection.is_closed():
             with contextlib.suppress(Exception):  # it may be half dead already; the lock goes with it either way
-                await asyncio.wait_for(connection.close(), timeout=CONNECT_TIMEOUT_SECONDS)
+                await connection.close(timeout=CONNECT_TIMEOUT_SECONDS)
             if not connection.is_closed():
                 connection.terminate()
 

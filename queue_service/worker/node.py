@@ -28,6 +28,7 @@ from queue_service.db.attempts import AttemptEnd, Claim
 from queue_service.db.events import CANCEL_ATTEMPT, JOB_UPDATED, WAKE_DISPATCH
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings
+from queue_service.timeouts import event_set_within
 from queue_service.worker.handlers import HandlerRegistry, JobContext, PermanentError, default_registry
 
 log = logging.getLogger(__name__)
@@ -228,8 +229,7 @@ class WorkerNode:
     # -------------------------------------------------------------------- dispatch
     async def _dispatch_loop(self) -> None:
         while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.settings.poll_interval_seconds)
+            await event_set_within(self._wake, self.settings.poll_interval_seconds)
             self._wake.clear()
             if self._stopping:
                 return
@@ -407,5 +407,4 @@ class WorkerNode:
             wait = self.settings.poll_interval_seconds
             if due is not None:
                 wait = min(wait, max(0.0, (due - self.clock()).total_seconds()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._retry_wake.wait(), timeout=wait)
+            await event_set_within(self._retry_wake, wait)

@@ -38,7 +38,8 @@ async def ready(request: Request) -> Health:
     if runtime is None:
         raise NotReady("the service is starting or stopping")
     try:
-        await asyncio.wait_for(ping(runtime.engine), READY_TIMEOUT_SECONDS)
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            await ping(runtime.engine)
     except Exception as error:  # any failure to answer means not ready; the reason goes to the log
         log.warning("readiness check failed: %s", error)
         raise NotReady(f"the database does not answer: {type(error).__name__}") from None

@@ -96,13 +96,15 @@ async def _send_loop(websocket: WebSocket, client: StreamClient, heartbeat: floa
         if client.closing:
             return CLOSE_GOING_AWAY, "the server is shutting down"
         try:
-            frame = await asyncio.wait_for(client.queue.get(), timeout=heartbeat)
+            async with asyncio.timeout(heartbeat):
+                frame = await client.queue.get()
         except TimeoutError:
             frame = json.dumps({"event": "ping", "at": iso_z(datetime.now(UTC))})
         if frame is None:  # the hub's wake-up: loop round to the closing check
             continue
         try:
-            await asyncio.wait_for(websocket.send_text(frame), timeout=SEND_TIMEOUT_SECONDS)
+            async with asyncio.timeout(SEND_TIMEOUT_SECONDS):
+                await websocket.send_text(frame)
         except TimeoutError:
             return CLOSE_TOO_SLOW, f"too slow: a frame waited more than {SEND_TIMEOUT_SECONDS:g}s"
 
@@ -118,4 +120,5 @@ async def _receive_loop(websocket: WebSocket) -> None:
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
     # The socket may already be gone, or stuck: closing is best effort and bounded.
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(websocket.close(code=code, reason=reason[:120]), timeout=CLOSE_TIMEOUT_SECONDS)
+        async with asyncio.timeout(CLOSE_TIMEOUT_SECONDS):
+            await websocket.close(code=code, reason=reason[:120])

@@ -1,0 +1,49 @@
+"""A loop that waits with a time limit stops when it is cancelled, even when what it
+waits for arrives in the same instant: graceful shutdown awaits such loops, and a lost
+cancellation would keep it waiting forever (Python 3.11's `asyncio.wait_for` loses it)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from queue_service.timeouts import event_set_within
+
+
+async def _wake_loop(wake: asyncio.Event, rounds: list[bool]) -> None:
+    """The shape of the node's and the leader's loops: wait for a wake-up or a tick, work, again."""
+    while True:
+        rounds.append(await event_set_within(wake, 5.0))
+        wake.clear()
+
+
+async def test_a_loop_cancelled_as_its_event_is_set_stops() -> None:
+    wake, rounds = asyncio.Event(), list[bool]()
+    loop = asyncio.create_task(_wake_loop(wake, rounds))
+    await asyncio.sleep(0.01)  # the loop is waiting
+    wake.set()
+    loop.cancel()  # same instant: the wake-up and the stop meet
+    with pytest.raises(asyncio.CancelledError):
+        async with asyncio.timeout(1.0):
+            await loop
+    assert loop.cancelled()
+
+
+async def test_a_loop_cancelled_while_waiting_stops() -> None:
+    loop = asyncio.create_task(_wake_loop(asyncio.Event(), []))
+    await asyncio.sleep(0.01)
+    loop.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await loop
+
+
+async def test_it_answers_whether_the_event_was_set_in_time() -> None:
+    event = asyncio.Event()
+    started = time.monotonic()
+    assert await event_set_within(event, 0.05) is False
+    assert time.monotonic() - started >= 0.05
+    asyncio.get_running_loop().call_later(0.01, event.set)
+    assert await event_set_within(event, 5.0) is True
+    assert await event_set_within(event, 0.0) is True  # already set: no wait at all

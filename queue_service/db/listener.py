@@ -19,7 +19,7 @@ import asyncpg
 
 from queue_service.db.engine import asyncpg_dsn
 from queue_service.db.events import CHANNEL
-from queue_service.timeouts import event_set_within
+from queue_service.timeouts import event_set_within, stop_tasks
 
 RECONNECT_SECONDS: Final = 1.0
 CHECK_SECONDS: Final = 5.0
@@ -51,9 +51,7 @@ class EventListener:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
 
     def _deliver(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         try:

@@ -34,7 +34,7 @@ from queue_service.db import attempts, insight, jobs, retention, schedules
 from queue_service.db.engine import asyncpg_dsn, autocommit
 from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
 from queue_service.settings import Settings
-from queue_service.timeouts import event_set_within
+from queue_service.timeouts import event_set_within, stop_tasks
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,7 @@ class Leader:
     async def stop(self) -> None:
         """Stop leading or waiting; closing the connection releases the lock at once."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await stop_tasks([self._task])
             self._task = None
 
     async def drop_connection(self) -> None:

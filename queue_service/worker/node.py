@@ -9,7 +9,6 @@ falls back to polling every `poll_interval_seconds` if a notification is missed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -28,7 +27,7 @@ from queue_service.db.attempts import AttemptEnd, Claim
 from queue_service.db.events import CANCEL_ATTEMPT, JOB_UPDATED, WAKE_DISPATCH
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings
-from queue_service.timeouts import event_set_within
+from queue_service.timeouts import event_set_within, stop_tasks
 from queue_service.worker.handlers import HandlerRegistry, JobContext, PermanentError, default_registry
 
 log = logging.getLogger(__name__)
@@ -159,11 +158,7 @@ class WorkerNode:
                     len(unwritten),
                     names,
                 )
-        for loop in self._loops:
-            loop.cancel()
-        for loop in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
-                await loop
+        await stop_tasks(self._loops)
         if self._unsubscribe is not None:
             self._unsubscribe()
         try:

@@ -5,11 +5,12 @@ cancellation would keep it waiting forever (Python 3.11's `asyncio.wait_for` los
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
 
-from queue_service.timeouts import event_set_within
+from queue_service.timeouts import event_set_within, stop_tasks
 
 
 async def _wake_loop(wake: asyncio.Event, rounds: list[bool]) -> None:
@@ -47,3 +48,30 @@ async def test_it_answers_whether_the_event_was_set_in_time() -> None:
     asyncio.get_running_loop().call_later(0.01, event.set)
     assert await event_set_within(event, 5.0) is True
     assert await event_set_within(event, 0.0) is True  # already set: no wait at all
+
+
+async def _swallows_one_cancellation(stopped: asyncio.Event) -> None:
+    with contextlib.suppress(asyncio.CancelledError):  # the flaw stop_tasks guards against, on purpose
+        await asyncio.sleep(60)
+    await stopped.wait()
+
+
+async def test_stopping_leaves_behind_a_task_that_ignores_its_cancellation(caplog: pytest.LogCaptureFixture) -> None:
+    stopped = asyncio.Event()
+    stubborn = asyncio.create_task(_swallows_one_cancellation(stopped), name="stubborn")
+    obedient = asyncio.create_task(asyncio.sleep(60), name="obedient")
+    await asyncio.sleep(0.01)
+    started = time.monotonic()
+    assert await stop_tasks([stubborn, obedient], seconds=0.1) is False
+    assert time.monotonic() - started < 1.0  # bounded: the shutdown goes on
+    assert obedient.cancelled()
+    assert "stubborn did not stop" in caplog.text
+    stopped.set()
+    await stubborn
+
+
+async def test_stopping_well_behaved_tasks_says_so() -> None:
+    loops = [asyncio.create_task(asyncio.sleep(60)) for _ in range(3)]
+    assert await stop_tasks(loops) is True
+    assert all(loop.cancelled() for loop in loops)
+    assert await stop_tasks([]) is True

@@ -1,6 +1,6 @@
 """Hot-path costs against the size of the jobs table: `python -m loadtest.bench_scale`.
 
-    python -m loadtest.bench_scale [--json FILE] [--max-rows N] [--explain FILE] [--reps 200]
+    python -m loadtest.bench_scale [--json FILE] [--max-rows N] [--explain FILE] [--reps 200] [--rounds 5]
 
 For each table size (10k, 100k and 1M jobs in the status mix of
 tests/conftest.py's SEED_JOBS_SQL — 60% completed, 15% ready, 5% blocked, …;
@@ -19,7 +19,9 @@ rolled back (so every repetition sees the same rows; commit cost excluded):
 - complete with dependants: `attempts.end_attempts` succeeding a running job
   with 10 blocked dependants (they become ready).
 
-It prints median and p99 per size and the growth ratio (largest / 10k), writes
+All the databases are seeded first and each operation is then timed on all of
+them in interleaved rounds (`--rounds`), so the machine's slow spells fall on
+every size alike. It prints median and p99 per size and the growth ratio (largest / 10k), writes
 `EXPLAIN (ANALYZE, BUFFERS)` of every statement each operation issued at each
 size to `--explain` (default out/scale_explain.txt), and reports any
 `Seq Scan on jobs` in them (a report, never a crash).
@@ -36,7 +38,7 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -284,34 +286,64 @@ def quantiles(timings: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(ordered), "p99_ms": p99, "samples": len(ordered)}
 
 
-async def measure_table(table: Table, reps: int, explain_out: list[str]) -> dict[str, dict[str, float]]:
-    async with fresh_database(server_url(), "tq_scale") as url:
-        await migrate.upgrade(url)
-        settings = Settings(database_url=url, db_command_timeout_seconds=None)  # seeding 1M rows is one long statement
-        engine = create_engine(settings, application_name="bench-scale")
-        capture = Capture()
-        event.listen(engine.sync_engine, "before_cursor_execute", capture)
-        try:
-            started = time.perf_counter()
-            await seed(engine, table)
-            fixture = await prepare(engine, settings)
-            print(f"  seeded {table.rows:,} rows in {time.perf_counter() - started:.1f}s", file=sys.stderr)
-            results: dict[str, dict[str, float]] = {}
-            for name, operation in operations(fixture, settings).items():
+@dataclass
+class Subject:
+    """One seeded database under measurement, and the samples taken on it so far."""
+
+    table: Table
+    engine: AsyncEngine
+    capture: Capture
+    operations: dict[str, Operation]
+    timings: dict[str, list[float]] = field(default_factory=dict)
+
+
+async def open_subject(stack: AsyncExitStack, table: Table) -> Subject:
+    url = await stack.enter_async_context(fresh_database(server_url(), "tq_scale"))
+    await migrate.upgrade(url)
+    settings = Settings(database_url=url, db_command_timeout_seconds=None)  # seeding 1M rows is one long statement
+    engine = create_engine(settings, application_name="bench-scale")
+    stack.push_async_callback(engine.dispose)
+    capture = Capture()
+    event.listen(engine.sync_engine, "before_cursor_execute", capture)
+    started = time.perf_counter()
+    await seed(engine, table)
+    fixture = await prepare(engine, settings)
+    print(f"  {table.label}: seeded {table.rows:,} rows in {time.perf_counter() - started:.1f}s", file=sys.stderr)
+    return Subject(table, engine, capture, operations(fixture, settings))
+
+
+async def measure(tables: list[Table], reps: int, rounds: int, explain_out: list[str]) -> dict[str, Any]:
+    """Every table's database is seeded first, then each operation is timed on all of
+    them in `rounds` interleaved rounds (the order reversed every other round), so a
+    slow spell of this shared machine lands on every size alike instead of on
+    whichever size happened to be measured during it."""
+    async with AsyncExitStack() as stack:
+        subjects = [await open_subject(stack, table) for table in tables]
+        names = list(subjects[0].operations)
+        per_round = max(1, -(-reps // rounds))
+        for name in names:
+            for subject in subjects:
+                subject.timings[name] = []
                 for _ in range(WARMUP):
-                    await time_once(engine, operation)
-                timings: list[float] = []
-                deadline = time.monotonic() + TIME_BUDGET_SECONDS
-                while len(timings) < reps and (len(timings) < 5 or time.monotonic() < deadline):
-                    timings.append(await time_once(engine, operation))
-                results[name] = quantiles(timings)
-                with capture.recording() as statements:
-                    await time_once(engine, operation)
-                for plan in await explain(engine, statements):
-                    explain_out.append(f"=== {table.label} · {name}\n{plan}\n")
-            return results
-        finally:
-            await engine.dispose()
+                    await time_once(subject.engine, subject.operations[name])
+            for round_number in range(rounds):
+                for subject in subjects if round_number % 2 == 0 else reversed(subjects):
+                    timings = subject.timings[name]
+                    deadline = time.monotonic() + TIME_BUDGET_SECONDS / rounds
+                    taken = 0
+                    while taken < per_round and len(timings) < reps and (taken < 2 or time.monotonic() < deadline):
+                        timings.append(await time_once(subject.engine, subject.operations[name]))
+                        taken += 1
+        for subject in subjects:
+            for name, operation in subject.operations.items():
+                with subject.capture.recording() as statements:
+                    await time_once(subject.engine, operation)
+                for plan in await explain(subject.engine, statements):
+                    explain_out.append(f"=== {subject.table.label} · {name}\n{plan}\n")
+        return {
+            subject.table.label: {name: quantiles(timings) for name, timings in subject.timings.items()}
+            for subject in subjects
+        }
 
 
 def seq_scans(explain_text: str) -> list[str]:
@@ -346,17 +378,14 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--max-rows", type=int, default=1_010_000, help="skip tables larger than this")
     parser.add_argument("--reps", type=int, default=200, help="repetitions per operation (time-capped)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over the table sizes")
     parser.add_argument("--explain", type=Path, default=Path("out/scale_explain.txt"), help="EXPLAIN output file")
     args = parser.parse_args()
     explain_out: list[str] = []
-    results: dict[str, dict[str, dict[str, float]]] = {}
-    for table in TABLES:
-        if table.rows > args.max_rows:
-            continue
-        print(f"{table.label} …", file=sys.stderr, flush=True)
-        results[table.label] = asyncio.run(measure_table(table, args.reps, explain_out))
-    if not results:
+    tables = [table for table in TABLES if table.rows <= args.max_rows]
+    if not tables:
         parser.error("--max-rows leaves no table to measure")
+    results = asyncio.run(measure(tables, args.reps, args.rounds, explain_out))
     text = "\n".join(explain_out)
     args.explain.parent.mkdir(parents=True, exist_ok=True)
     args.explain.write_text(text, encoding="utf-8")

@@ -46,14 +46,16 @@ _DIALECT: Final = asyncpg_dialect()  # type: ignore[no-untyped-call]  # SQLAlche
 
 
 class Statement:
-    """A `sa.text` statement compiled once for the driver: positional SQL, and the
-    parameter names in the order of its `$n` placeholders (a name used twice is one)."""
+    """A statement (`sa.text`, or a Core construct without literal lists) compiled once
+    for the driver: positional SQL, and the parameter names in the order of its `$n`
+    placeholders (a name used twice is one)."""
 
     __slots__ = ("names", "sql", "text")
 
-    def __init__(self, text: sa.TextClause) -> None:
-        self.text: Final = text.text  # as written, with named parameters
+    def __init__(self, text: sa.TextClause | sa.Select[Any]) -> None:
         compiled = text.compile(dialect=_DIALECT)
+        # As written, with named parameters (a construct: as SQLAlchemy renders it).
+        self.text: Final = text.text if isinstance(text, sa.TextClause) else str(text)
         self.sql: Final = str(compiled)
         self.names: Final = tuple(compiled.positiontup or ())
 

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, Final
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.dialects.postgresql import ARRAY, aggregate_order_by
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -708,9 +708,16 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 
 # ----------------------------------------------------------------------------- public form
+# On the driver: GET /jobs/{id} is the read clients poll, and SQLAlchemy's path cost
+# more than the statement (an IN list rebuilt and its cache key computed per call).
+PUBLIC_BY_ID_SQL: Final = driver.Statement(
+    sa.select(*_PUBLIC_COLUMNS).where(_jobs.c.job_id == sa.any_(sa.bindparam("ids", type_=ARRAY(sa.Text))))
+)
+
+
 async def _public_many(conn: AsyncConnection, job_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     ids = list(dict.fromkeys(job_ids))
-    rows = (await conn.execute(sa.select(*_PUBLIC_COLUMNS).where(_jobs.c.job_id.in_(ids)))).all()
+    rows = await driver.fetch(conn, PUBLIC_BY_ID_SQL, {"ids": ids})
     return {job["job_id"]: job for job in await _public_rows(conn, rows)}
 
 

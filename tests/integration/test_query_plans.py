@@ -54,6 +54,10 @@ HOT_PATHS = {
         " ORDER BY lease_expires_at LIMIT 100 FOR UPDATE SKIP LOCKED",
         "ix_jobs_lease_expiry",
     ),
+    "get a job (the statement GET /jobs/{id} runs)": (
+        jobs.PUBLIC_BY_ID_SQL.sql.replace("$1::TEXT[]", "ARRAY['job_42', 'job_43']"),
+        "pk_jobs",
+    ),
     "list, first page": (
         "SELECT * FROM jobs ORDER BY created_at DESC, job_id DESC LIMIT 51",
         "ix_jobs_created",

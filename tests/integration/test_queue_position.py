@@ -10,6 +10,7 @@ check compares every ready job's position with a plain count.
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -239,6 +240,25 @@ async def _position_read_pages(conn: AsyncConnection, job_id: str) -> int:
     return int(top["Shared Hit Blocks"] + top["Shared Read Blocks"])
 
 
+@pytest.fixture
+async def without_autovacuum(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Autovacuum off on the tables folding churns, for this test only (the module shares a
+    database). Waking mid-test it would clean part of the churn before the first read and,
+    holding the tables, make vacuum_folded skip them (SKIP_LOCKED)."""
+
+    async def switch(setting: str) -> None:
+        async with engine.begin() as conn:
+            for table in insight.VACUUMED_TABLES:
+                await conn.execute(sa.text(f"ALTER TABLE {table} {setting}"))
+
+    await switch("SET (autovacuum_enabled = off)")
+    try:
+        yield
+    finally:
+        await switch("RESET (autovacuum_enabled)")
+
+
+@pytest.mark.usefixtures("without_autovacuum")
 async def test_vacuum_after_folding_keeps_the_position_read_small(engine: AsyncEngine, make_job: Any) -> None:
     """Folding deletes every delta it sums; until a VACUUM, a position read walks the
     dead rows of every fold before it. The leader's VACUUM after folding (vacuum_folded)

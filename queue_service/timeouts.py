@@ -32,10 +32,10 @@ async def stop_tasks(tasks: Collection[asyncio.Task[Any]], seconds: float = STOP
     """Cancel `tasks` and wait up to `seconds` for them to end. A task that outlives its
     cancellation (one swallowed somewhere below it) is logged and left behind rather than
     holding a shutdown forever; False then. A task that failed earlier is logged too."""
-    for task in tasks:
-        task.cancel()
     if not tasks:
         return True
+    for task in tasks:
+        task.cancel()
     done, stuck = await asyncio.wait(tasks, timeout=seconds)
     for task in done:
         if not task.cancelled() and task.exception() is not None:

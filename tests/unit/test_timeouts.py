@@ -13,16 +13,16 @@ import pytest
 from queue_service.timeouts import event_set_within, stop_tasks
 
 
-async def _wake_loop(wake: asyncio.Event, rounds: list[bool]) -> None:
+async def _wake_loop(wake: asyncio.Event) -> None:
     """The shape of the node's and the leader's loops: wait for a wake-up or a tick, work, again."""
     while True:
-        rounds.append(await event_set_within(wake, 5.0))
+        await event_set_within(wake, 5.0)
         wake.clear()
 
 
 async def test_a_loop_cancelled_as_its_event_is_set_stops() -> None:
-    wake, rounds = asyncio.Event(), list[bool]()
-    loop = asyncio.create_task(_wake_loop(wake, rounds))
+    wake = asyncio.Event()
+    loop = asyncio.create_task(_wake_loop(wake))
     await asyncio.sleep(0.01)  # the loop is waiting
     wake.set()
     loop.cancel()  # same instant: the wake-up and the stop meet
@@ -33,7 +33,7 @@ async def test_a_loop_cancelled_as_its_event_is_set_stops() -> None:
 
 
 async def test_a_loop_cancelled_while_waiting_stops() -> None:
-    loop = asyncio.create_task(_wake_loop(asyncio.Event(), []))
+    loop = asyncio.create_task(_wake_loop(asyncio.Event()))
     await asyncio.sleep(0.01)
     loop.cancel()
     with pytest.raises(asyncio.CancelledError):

@@ -338,8 +338,12 @@ QUEUE_COUNTER_DROPS: Final = (
 # jobs ahead of it in its own second (an index range), plus at most 59 seconds,
 # 59 minutes and 23 hours of bucket sums, plus the days before: bounded work, however
 # long the queue. Bucket k of a level holds floor(floor(sort_key) / width) = k.
-# Counts are kept the way queue_counters keeps depth: appended deltas that no two
-# transactions contend on, folded by the leader into one base row per bucket.
+# Changes are kept as deltas per bucket and per server process (pg_backend_pid()): a
+# connection runs one transaction at a time, so no two transactions ever wait on the
+# same delta row, and each statement updates its process's row for a bucket in place
+# (fillfactor leaves room for HOT updates). A position reads a few rows per bucket
+# range, not one per statement since the last fold. The leader folds the deltas
+# into one base row per bucket, skipping rows an open transaction holds.
 RANK_LEVEL_WIDTHS: Final = (1, 60, 3600, 86400)  # seconds; each a multiple of the last
 
 queue_rank_base = sa.Table(
@@ -360,12 +364,12 @@ sa.Index(
 queue_rank_deltas = sa.Table(
     "queue_rank_deltas",
     metadata,
-    sa.Column("id", sa.BigInteger, primary_key=True, autoincrement=True),
-    sa.Column("level", sa.SmallInteger, nullable=False),
-    sa.Column("bucket", sa.BigInteger, nullable=False),
+    sa.Column("level", sa.SmallInteger, primary_key=True),
+    sa.Column("bucket", sa.BigInteger, primary_key=True),
+    sa.Column("backend", sa.Integer, primary_key=True),
     sa.Column("delta", sa.BigInteger, nullable=False),
+    postgresql_with={"fillfactor": "50"},
 )
-sa.Index("ix_queue_rank_deltas_level_bucket", queue_rank_deltas.c.level, queue_rank_deltas.c.bucket)
 
 _RANK_LEVELS_SQL = "(VALUES " + ", ".join(f"({i}, float8 '{w}')" for i, w in enumerate(RANK_LEVEL_WIDTHS, 1)) + ")"
 
@@ -378,27 +382,30 @@ BEGIN
         DELETE FROM queue_rank_deltas;
         DELETE FROM queue_rank_base;
     ELSIF TG_OP = 'INSERT' THEN
-        INSERT INTO queue_rank_deltas (level, bucket, delta)
-        SELECT l.level, floor(floor(r.sort_key) / l.width)::bigint AS bucket, count(*)
+        INSERT INTO queue_rank_deltas AS d (level, bucket, backend, delta)
+        SELECT l.level, floor(floor(r.sort_key) / l.width)::bigint AS bucket, pg_backend_pid(), count(*)
         FROM new_rows AS r CROSS JOIN {_RANK_LEVELS_SQL} AS l(level, width)
         WHERE r.status = 'ready'
-        GROUP BY 1, 2;
+        GROUP BY 1, 2
+        ON CONFLICT (level, bucket, backend) DO UPDATE SET delta = d.delta + EXCLUDED.delta;
     ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO queue_rank_deltas (level, bucket, delta)
-        SELECT l.level, floor(floor(r.sort_key) / l.width)::bigint AS bucket, -count(*)
+        INSERT INTO queue_rank_deltas AS d (level, bucket, backend, delta)
+        SELECT l.level, floor(floor(r.sort_key) / l.width)::bigint AS bucket, pg_backend_pid(), -count(*)
         FROM old_rows AS r CROSS JOIN {_RANK_LEVELS_SQL} AS l(level, width)
         WHERE r.status = 'ready'
-        GROUP BY 1, 2;
+        GROUP BY 1, 2
+        ON CONFLICT (level, bucket, backend) DO UPDATE SET delta = d.delta + EXCLUDED.delta;
     ELSE
-        INSERT INTO queue_rank_deltas (level, bucket, delta)
-        SELECT l.level, floor(floor(r.sort_key) / l.width)::bigint AS bucket, sum(r.delta)
+        INSERT INTO queue_rank_deltas AS d (level, bucket, backend, delta)
+        SELECT l.level, floor(floor(r.sort_key) / l.width)::bigint AS bucket, pg_backend_pid(), sum(r.delta)
         FROM (
             SELECT sort_key, 1 AS delta FROM new_rows WHERE status = 'ready'
             UNION ALL
             SELECT sort_key, -1 AS delta FROM old_rows WHERE status = 'ready'
         ) AS r CROSS JOIN {_RANK_LEVELS_SQL} AS l(level, width)
         GROUP BY 1, 2
-        HAVING sum(r.delta) <> 0;
+        HAVING sum(r.delta) <> 0
+        ON CONFLICT (level, bucket, backend) DO UPDATE SET delta = d.delta + EXCLUDED.delta;
     END IF;
     RETURN NULL;
 END
@@ -408,7 +415,10 @@ $$
 CREATE FUNCTION queue_rank_compact() RETURNS void
 LANGUAGE sql AS $$
     WITH folded AS (
-        DELETE FROM queue_rank_deltas RETURNING level, bucket, delta
+        DELETE FROM queue_rank_deltas AS d
+        USING (SELECT level, bucket, backend FROM queue_rank_deltas FOR UPDATE SKIP LOCKED) AS free
+        WHERE (d.level, d.bucket, d.backend) = (free.level, free.bucket, free.backend)
+        RETURNING d.level, d.bucket, d.delta
     )
     INSERT INTO queue_rank_base AS base (level, bucket, jobs)
     SELECT level, bucket, sum(delta) FROM folded

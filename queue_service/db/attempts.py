@@ -23,6 +23,7 @@ from queue_service.db import driver, lifecycle
 from queue_service.db.events import (
     CANCEL_ATTEMPT,
     CHANNEL,
+    DISPATCH_RESUMED,
     LOG_INSERT_SQL,
     WAKE_DISPATCH,
     LogEntry,
@@ -75,7 +76,7 @@ async def set_paused(conn: AsyncConnection, paused: bool) -> None:
         {"paused": paused},
     )
     if not paused:
-        await announce(conn, [{"event": WAKE_DISPATCH}])
+        await announce(conn, [{"event": DISPATCH_RESUMED}])
 
 
 # The node locked for this claim, with the pause switch and what already runs on it,
@@ -168,16 +169,19 @@ _START_SQL = driver.Statement(
 
 async def claim(
     conn: AsyncConnection, node_id: str, clock: Callable[[], datetime], policy: PolicyConfig, lease_seconds: float
-) -> list[Claim]:
+) -> list[Claim] | None:
     """Lock the node and the first K ready jobs (SKIP LOCKED), let core.plan() choose,
-    and start what it chose, all in this transaction: three statements.
+    and start what it chose, all in this transaction: three statements. None when
+    dispatch is paused: nothing starts anywhere until it is resumed.
 
     The clock is read once the node is locked: an attempt that ended while we
     waited for the lock has an earlier end than our starts, so attempt intervals
     on a node never appear to overlap beyond its capacity.
     """
     node = await driver.fetchrow(conn, _NODE_SQL, {"node": node_id})
-    if node is None or node.status != "active" or node.paused:
+    if node is not None and node.paused:
+        return None
+    if node is None or node.status != "active":
         return []
     now = clock()
     running = [RunningJob(job_id, Resources(cpu, memory), end) for job_id, cpu, memory, end in node.running]

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from queue_service.core.model import AttemptOutcome
 from queue_service.db import attempts, driver
 from queue_service.db.attempts import AttemptEnd, Claim
-from queue_service.db.events import CANCEL_ATTEMPT, JOB_UPDATED, WAKE_DISPATCH
+from queue_service.db.events import CANCEL_ATTEMPT, DISPATCH_RESUMED, JOB_UPDATED, WAKE_DISPATCH
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings
 from queue_service.timeouts import event_set_within, stop_tasks
@@ -111,6 +111,10 @@ class WorkerNode:
         self.capacity = self.settings.node_capacity()
         self.running: dict[str, RunningAttempt] = {}
         self._wake = asyncio.Event()
+        # Dispatch was paused at the last claim: submissions do not wake the loop (each
+        # would be a claim transaction that finds it paused); a resume notice or the
+        # poll interval does.
+        self._dispatch_paused = False
         self._endings: asyncio.Queue[tuple[Claim, AttemptEnd, asyncio.Future[bool]]] = asyncio.Queue()
         self._retry_wake = asyncio.Event()  # a new retry may be due sooner than the one we sleep for
         self._stopping = False
@@ -201,8 +205,12 @@ class WorkerNode:
     # --------------------------------------------------------------- notifications
     def _on_event(self, message: dict[str, Any]) -> None:
         event = message.get("event")
-        if event == WAKE_DISPATCH or (event == JOB_UPDATED and message.get("status") == "ready"):
+        if event == DISPATCH_RESUMED:
+            self._dispatch_paused = False
             self._wake.set()
+        elif event == WAKE_DISPATCH or (event == JOB_UPDATED and message.get("status") == "ready"):
+            if not self._dispatch_paused:
+                self._wake.set()
         elif event == JOB_UPDATED and message.get("status") == "retrying":
             self._retry_wake.set()
         elif event == CANCEL_ATTEMPT and message.get("node_id") == self.node_id:
@@ -238,9 +246,11 @@ class WorkerNode:
                 log.exception("dispatch on %s failed; retrying", self.node_id)
                 await asyncio.sleep(self.settings.poll_interval_seconds)
                 continue
-            self._launch(claims, time.monotonic() - started)
+            self._dispatch_paused = claims is None
+            if claims is not None:
+                self._launch(claims, time.monotonic() - started)
 
-    async def _claim(self, conn: AsyncConnection) -> list[Claim]:
+    async def _claim(self, conn: AsyncConnection) -> list[Claim] | None:
         return await attempts.claim(conn, self.node_id, self.clock, self.policy, self.settings.lease_seconds)
 
     def _launch(self, claims: list[Claim], claim_seconds: float) -> None:
@@ -347,13 +357,13 @@ class WorkerNode:
         claiming = not self._stopping
         for delay in (0.1, 0.5, 1.0, 2.0, None):
             try:
-                claims, claim_seconds = None, 0.0
+                claimed, claims, claim_seconds = False, None, 0.0
                 async with driver.transaction(self.engine) as conn:
                     owned = await attempts.end_attempts(conn, endings, self.clock(), self.policy)
                     if claiming and not self._stopping:
                         started = time.monotonic()
                         claims = await self._claim(conn)
-                        claim_seconds = time.monotonic() - started
+                        claimed, claim_seconds = True, time.monotonic() - started
             except Exception:
                 claiming = False
                 if delay is None:
@@ -364,9 +374,11 @@ class WorkerNode:
             for (claim, _, _), recorded in zip(batch, owned, strict=True):
                 if not recorded:
                     log.warning("%s attempt %d ended after losing its lease", claim.job_id, claim.attempt)
-            if claims is None:
+            if not claimed:
                 return False
-            self._launch(claims, claim_seconds)
+            self._dispatch_paused = claims is None
+            if claims is not None:
+                self._launch(claims, claim_seconds)
             return True
         return False  # unreachable: the last try returns
 

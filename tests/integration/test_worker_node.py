@@ -121,6 +121,37 @@ async def wait_for(engine: AsyncEngine, sql: str, expected: object, timeout: flo
     raise AssertionError(f"{sql!r} gave {value!r}, waited for {expected!r}")
 
 
+async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_it_at_once(
+    nodes: NodeFactory, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paused, every submission's wake notice would be a claim transaction that only finds
+    dispatch paused: the node remembers and waits for the resume notice (or its poll
+    interval, here longer than the test), which starts the waiting jobs at once."""
+    async with engine.begin() as conn:
+        await attempts.set_paused(conn, True)
+    try:
+        node = await nodes("paused", poll_interval_seconds=60)
+        claims = 0
+        claim = node._claim
+
+        async def counted(conn: Any) -> Any:
+            nonlocal claims
+            claims += 1
+            return await claim(conn)
+
+        monkeypatch.setattr(node, "_claim", counted)
+        for index in range(40):
+            await insert_ready(engine, [{"job_id": f"held-{index:02d}"}])  # each with its wake notice
+        await asyncio.sleep(0.5)
+        assert claims <= 2  # the start's, which found dispatch paused, and a wake before its answer
+        async with engine.begin() as conn:
+            await attempts.set_paused(conn, False)
+        await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 40, timeout=5)
+    finally:
+        async with engine.begin() as conn:
+            await attempts.set_paused(conn, False)
+
+
 async def test_two_nodes_share_work_without_running_anything_twice(engine: AsyncEngine, nodes: NodeFactory) -> None:
     await nodes("node-a", cpu=4, memory=2048)
     await nodes("node-b", cpu=4, memory=2048)

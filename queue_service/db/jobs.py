@@ -450,7 +450,8 @@ async def submit_alone(
                 "log_messages": [e.message for e in entries],
                 "log_data": [compact_json(e.data) for e in entries],
                 "channel": CHANNEL,
-                "notice_payloads": [compact_json(m) for m in (change.payload(), {"event": WAKE_DISPATCH})],
+                # Its job.updated (ready) wakes the dispatchers too: no separate wake notice.
+                "notice_payloads": [compact_json(change.payload())],
                 "range_levels": [level for level, _, _ in ranges],
                 "range_lows": [low for _, low, _ in ranges],
                 "range_highs": [high for _, _, high in ranges],

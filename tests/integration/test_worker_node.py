@@ -14,11 +14,12 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from queue_service.core.model import AttemptOutcome, Priority
-from queue_service.core.policy import sort_key
-from queue_service.db import attempts
+from queue_service.core.model import AttemptOutcome, Priority, Resources
+from queue_service.core.policy import PolicyConfig, sort_key
+from queue_service.core.validation import parse_job_spec
+from queue_service.db import attempts, jobs
 from queue_service.db.attempts import AttemptEnd
-from queue_service.db.engine import create_engine
+from queue_service.db.engine import autocommit, create_engine
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings
 from queue_service.worker.leader import Leader
@@ -119,6 +120,20 @@ async def wait_for(engine: AsyncEngine, sql: str, expected: object, timeout: flo
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{sql!r} gave {value!r}, waited for {expected!r}")
+
+
+async def test_a_submission_wakes_a_node_at_once(nodes: NodeFactory, engine: AsyncEngine) -> None:
+    """A lone submission's announcement of its ready job is what wakes the dispatchers: the
+    job starts long before the node's poll interval (here a minute) would look."""
+    await nodes("woken", poll_interval_seconds=60)
+    await asyncio.sleep(0.2)  # the node's first claim, at start, found nothing
+    spec = parse_job_spec({"type": "work", "payload": {"simulate": {"duration_seconds": 0}}}, default_job_id="woken-1")
+    async with autocommit(engine) as conn:
+        submitted = await jobs.submit_alone(
+            conn, spec, "digest", datetime.now(UTC), PolicyConfig(), [Resources(8, 4096)]
+        )
+    assert submitted is not None
+    await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'woken-1'", "completed", timeout=3)
 
 
 async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_it_at_once(

@@ -99,8 +99,11 @@ def parse_one(document: Any, loc: Loc = ("body",)) -> tuple[JobSpec, str]:
     """One submitted job: its spec (job id generated unless given) and request hash."""
     if not isinstance(document, dict):
         raise InvalidJob([FieldProblem(loc, "must be a JSON object (a job)")])
+    # A client's own id needs none generated (the system's randomness: a twentieth of a
+    # batch's time); an invalid one fails the parse, so nothing sees the placeholder.
+    default_job_id = "" if "job_id" in document else generated_job_id(secrets.token_hex(6))
     try:
-        spec = parse_job_spec(document, default_job_id=generated_job_id(secrets.token_hex(6)))
+        spec = parse_job_spec(document, default_job_id=default_job_id)
     except InvalidJob as invalid:
         raise InvalidJob([FieldProblem((*loc, *p.loc), p.message) for p in invalid.problems]) from None
     return spec, request_hash(spec, client_job_id="job_id" in document)

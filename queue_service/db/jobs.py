@@ -32,7 +32,15 @@ from queue_service.db import driver, tables
 from queue_service.db.attempts import JobNotFound
 from queue_service.db.engine import autocommit, is_retryable, translate_errors
 from queue_service.db.errors import IdempotencyKeyConflict, JobIdConflict
-from queue_service.db.events import CHANNEL, WAKE_DISPATCH, LogEntry, StatusChange, compact_json, iso_z
+from queue_service.db.events import (
+    CHANNEL,
+    WAKE_DISPATCH,
+    LogEntry,
+    StatusChange,
+    client_json,
+    compact_json,
+    iso_z,
+)
 from queue_service.db.lifecycle import epoch
 
 # Rows per multi-VALUES insert: ~21 parameters a row stays well under the
@@ -247,7 +255,7 @@ async def _create(
             _INSERT_SQL,
             {
                 **{column: [row[column] for row in rows] for column in _INSERTED_COLUMNS},
-                "payload": [json.dumps(row["payload"]) for row in rows],
+                "payload": [client_json(row["payload"]) for row in rows],
                 "now": now,
                 "edge_jobs": [s.job_id for s in specs for _ in s.depends_on],
                 "edge_parents": [d for s in specs for d in s.depends_on],
@@ -444,7 +452,7 @@ async def submit_alone(
             _INSERT_ALONE_SQL,
             {
                 **{column: row[column] for column in _INSERTED_COLUMNS if column not in _FIXED_ALONE},
-                "payload": json.dumps(row["payload"]),
+                "payload": client_json(row["payload"]),
                 "now": now,
                 "log_events": [e.event for e in entries],
                 "log_messages": [e.message for e in entries],

@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final
 
+import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -93,14 +94,16 @@ async def submit_job(
         }
     },
 )
-async def submit_batch(
-    request: Request, response: Response, runtime: RuntimeDep, idempotency_key: IdempotencyKey = None
-) -> dict[str, Any]:
+async def submit_batch(request: Request, runtime: RuntimeDep, idempotency_key: IdempotencyKey = None) -> Response:
     specs, hashes = submission.parse_batch(await submission.read_json(request), idempotency_key)
     results = await _submit(runtime, specs, hashes)
-    if not any(result.created for result in results):
-        response.status_code = 200
-    return {"jobs": [submission.accepted(result.job) for result in results]}
+    # Built from what was written, so already BatchAccepted's shape (the tests hold the
+    # schema to it): answered as is, not validated again member by member.
+    return Response(
+        orjson.dumps({"jobs": [submission.accepted(result.job) for result in results]}),
+        status_code=201 if any(result.created for result in results) else 200,
+        media_type="application/json",
+    )
 
 
 @router.get("", response_model=JobPage, summary="List jobs, newest first")

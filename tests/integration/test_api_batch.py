@@ -119,3 +119,23 @@ async def test_a_thousand_job_batch(api: Api) -> None:
     positions = sorted(j["position_in_queue"] for j in jobs[:-1])
     assert positions == list(range(1000))
     assert jobs[1]["position_in_queue"] == 0  # the first high-priority member leads
+
+
+async def test_payloads_come_back_as_sent_whatever_json_they_hold(api: Api) -> None:
+    """The batch's rows reach the database as one JSON document: integers past 64 bits,
+    exponents, escapes and text beyond ASCII in a payload must all survive it, with the
+    logs and announcements of each member."""
+    payloads = [
+        {"account": 2**70, "balance": -(2**65)},
+        {"rate": 1e-7, "tiny": 5e-324, "zero": -0.0, "exact": 0.1},
+        {"text": 'é \u2028 "quoted" \\ \t\n \u00ff 𝄞', "nested": [[], {}, [None, True, False]]},
+    ]
+    response = await api.client.post(
+        "/jobs/batch", json=[job(job_id=f"odd-{i}", payload=payload) for i, payload in enumerate(payloads)]
+    )
+    assert response.status_code == 201, response.text
+    for index, payload in enumerate(payloads):
+        stored = (await api.client.get(f"/jobs/odd-{index}")).json()
+        assert stored["payload"] == payload
+        logs = (await api.client.get(f"/jobs/odd-{index}/logs")).json()["entries"]
+        assert [entry["event"] for entry in logs] == ["submitted", "ready"]

@@ -8,7 +8,7 @@ transaction commits, so a listener never hears of a change that rolled back.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -33,12 +33,6 @@ def compact_json(document: Mapping[str, Any]) -> str:
     orjson, a tenth of the standard encoder's time on every job's every change. Never
     for client documents: orjson refuses integers past 64 bits, which JSON allows."""
     return orjson.dumps(document if isinstance(document, dict) else dict(document)).decode()
-
-
-def compact_json_rows(rows: Iterable[Mapping[str, Any]]) -> str:
-    """Rows of our own documents as one compact JSON array, for a statement to read
-    with json_to_recordset (see compact_json)."""
-    return orjson.dumps([row if isinstance(row, dict) else dict(row) for row in rows]).decode()
 
 
 def client_json(document: Any) -> str:

@@ -39,7 +39,6 @@ from queue_service.db.events import (
     StatusChange,
     client_json,
     compact_json,
-    compact_json_rows,
     iso_z,
 )
 from queue_service.db.lifecycle import epoch
@@ -255,16 +254,18 @@ async def _create(
             conn,
             _INSERT_SQL,
             {
-                # The rows carry the clients' payloads: client_json, for integers orjson refuses.
-                "jobs": client_json([_inserted_row(row) for row in rows]),
+                **{column: [row[column] for row in rows] for column in _INSERTED_COLUMNS},
+                "payload": [client_json(row["payload"]) for row in rows],
                 "now": now,
                 "edge_jobs": [s.job_id for s in specs for _ in s.depends_on],
                 "edge_parents": [d for s in specs for d in s.depends_on],
-                "log": compact_json_rows(
-                    {"job_id": e.job_id, "event": e.event, "message": e.message, "data": e.data} for e in entries
-                ),
+                "log_jobs": [e.job_id for e in entries],
+                "log_events": [e.event for e in entries],
+                "log_messages": [e.message for e in entries],
+                "log_data": [compact_json(e.data) for e in entries],
                 "channel": CHANNEL,
-                "notices": compact_json_rows({"job_id": job_id, "payload": m} for job_id, m in notices),
+                "notice_jobs": [job_id for job_id, _ in notices],
+                "notice_payloads": [compact_json(m) for _, m in notices],
             },
         )
         if set(result.inserted) != new_ids:
@@ -293,7 +294,8 @@ class _Queued:
     sort_key: float
 
 
-# Columns of jobs a submission sets from its rows' values (the timestamps are handled apart).
+# Columns of jobs a submission sets from per-job arrays (payload, as JSON text, and the
+# timestamps are handled apart).
 _INSERTED_COLUMNS: Final = (
     "job_id",
     "type",
@@ -312,39 +314,36 @@ _INSERTED_COLUMNS: Final = (
     "unfinished_deps",
     "sort_key",
 )
-
-
-def _inserted_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """What _INSERT_SQL reads of a job's row (JSON-ready: no timestamps)."""
-    return {**{column: row[column] for column in _INSERTED_COLUMNS}, "payload": row["payload"]}
-
-
 _INSERT_INTO_JOBS: Final = """INSERT INTO jobs (
             job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts, backoff_multiplier,
             initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, idempotency_key, request_hash,
             attempt_budget, unfinished_deps, created_at, updated_at, ready_at, sort_key
         )"""
 # A whole submission in one statement and one round trip, with no per-row SQL to
-# build: the jobs, then only for the rows really inserted (ON CONFLICT skips a job id
-# or key a concurrent transaction committed first) their edges, log entries and
-# announcements. So a lost race writes nothing at all. Each part comes as one JSON
-# document of rows: the driver encodes one text instead of some forty thousand array
-# elements for a thousand jobs (each element cost it two abstract-class checks).
+# build: the jobs from arrays, then only for the rows really inserted (ON CONFLICT
+# skips a job id or key a concurrent transaction committed first) their edges, log
+# entries and announcements. So a lost race writes nothing at all.
 _INSERT_SQL: Final = driver.Statement(
     sa.text(
         f"""
     WITH inserted AS (
         {_INSERT_INTO_JOBS}
-        SELECT j.job_id, j.type, j.priority, j.status, j.payload, j.cpu_units, j.memory_mb,
+        SELECT j.job_id, j.type, j.priority, j.status, CAST(j.payload AS jsonb), j.cpu_units, j.memory_mb,
                j.max_attempts, j.backoff_multiplier, j.initial_delay_seconds, j.max_delay_seconds, j.jitter,
                j.timeout_seconds, j.idempotency_key, j.request_hash, j.max_attempts, j.unfinished_deps,
                CAST(:now AS timestamptz), CAST(:now AS timestamptz),
                CASE WHEN j.status = 'ready' THEN CAST(:now AS timestamptz) END, j.sort_key
-        FROM json_to_recordset(CAST(:jobs AS json)) AS j(
-            job_id text, type text, priority text, status text, payload jsonb, cpu_units integer,
-            memory_mb integer, max_attempts integer, backoff_multiplier float8, initial_delay_seconds float8,
-            max_delay_seconds float8, jitter float8, timeout_seconds float8, idempotency_key text,
-            request_hash text, unfinished_deps integer, sort_key float8
+        FROM unnest(
+            CAST(:job_id AS text[]), CAST(:type AS text[]), CAST(:priority AS text[]), CAST(:status AS text[]),
+            CAST(:payload AS text[]), CAST(:cpu_units AS integer[]), CAST(:memory_mb AS integer[]),
+            CAST(:max_attempts AS integer[]), CAST(:backoff_multiplier AS float8[]),
+            CAST(:initial_delay_seconds AS float8[]), CAST(:max_delay_seconds AS float8[]),
+            CAST(:jitter AS float8[]), CAST(:timeout_seconds AS float8[]), CAST(:idempotency_key AS text[]),
+            CAST(:request_hash AS text[]), CAST(:unfinished_deps AS integer[]), CAST(:sort_key AS float8[])
+        ) AS j(
+            job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts, backoff_multiplier,
+            initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, idempotency_key, request_hash,
+            unfinished_deps, sort_key
         )
         ON CONFLICT DO NOTHING
         RETURNING job_id
@@ -355,13 +354,16 @@ _INSERT_SQL: Final = driver.Statement(
         WHERE e.job_id IN (SELECT job_id FROM inserted)
     ), logged AS (
         INSERT INTO job_events (job_id, at, level, event, message, data)
-        SELECT l.job_id, CAST(:now AS timestamptz), 'info', l.event, l.message, l.data
-        FROM json_to_recordset(CAST(:log AS json)) AS l(job_id text, event text, message text, data jsonb)
+        SELECT l.job_id, CAST(:now AS timestamptz), 'info', l.event, l.message, CAST(l.data AS jsonb)
+        FROM unnest(
+            CAST(:log_jobs AS text[]), CAST(:log_events AS text[]), CAST(:log_messages AS text[]),
+            CAST(:log_data AS text[])
+        ) AS l(job_id, event, message, data)
         WHERE l.job_id IN (SELECT job_id FROM inserted)
     ), announced AS (
         -- Delivered at commit, in array order; the last one (no job) wakes the dispatchers.
-        SELECT pg_notify(:channel, CAST(n.payload AS text))
-        FROM json_to_recordset(CAST(:notices AS json)) AS n(job_id text, payload json)
+        SELECT pg_notify(:channel, n.payload)
+        FROM unnest(CAST(:notice_jobs AS text[]), CAST(:notice_payloads AS text[])) AS n(job_id, payload)
         WHERE n.job_id IN (SELECT job_id FROM inserted)
            OR (n.job_id IS NULL AND EXISTS (SELECT FROM inserted))
     )

@@ -21,7 +21,7 @@ from fastapi import Request
 
 from queue_service.core.errors import FieldProblem, InvalidJob, PayloadTooLarge
 from queue_service.core.model import JobSpec
-from queue_service.core.validation import generated_job_id, parse_job_spec
+from queue_service.core.validation import generated_job_id, parse_job_spec, standard_json
 
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024  # a batch of thousands of jobs; beyond this, 413 before parsing
 MAX_JSON_DEPTH: Final = 64  # nesting PostgreSQL's jsonb and our own walks take without strain
@@ -172,8 +172,7 @@ def request_hash(spec: JobSpec, *, client_job_id: bool) -> str:
         "retry_config": spec.retry.as_json(),
         "timeout_seconds": spec.timeout_seconds,
     }
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(standard_json(canonical, sort_keys=True)).hexdigest()
 
 
 def accepted(job: dict[str, Any]) -> dict[str, Any]:

@@ -10,7 +10,9 @@ import json
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
+
+import orjson
 
 from queue_service.core import constants as c
 from queue_service.core.dag import dependency_list_problems
@@ -125,7 +127,32 @@ def _depends_on(check: _Checker, raw: object, job_id: str) -> tuple[str, ...]:
 
 def payload_size(payload: object) -> int:
     """Bytes of the compact JSON serialization, as the 64 KiB limit measures it."""
-    return len(json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode())
+    return len(standard_json(payload))
+
+
+# How orjson writes a float below 1e-4 where the standard encoder would not.
+_WRITTEN_OTHERWISE: Final = re.compile(rb"0\.0000|\de-\d(?!\d)")
+
+
+def standard_json(document: Any, *, sort_keys: bool = False) -> bytes:
+    """`json.dumps(document, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False)`
+    as UTF-8 (what payload sizes and every stored request hash are made of), written by
+    orjson where its output is the same: a tenth of the time.
+
+    They differ on integers past 64 bits (orjson refuses them), keys that are not
+    strings (refused too), and floats below 1e-4, which orjson writes in full (0.00005
+    for 5e-05) or with a one-digit exponent (1e-7 for 1e-07): the standard encoder
+    writes those. And on NaN and the infinities (orjson writes null), which no stored
+    document holds: JSON has no such numbers, read_json refuses them and jsonb cannot
+    store them."""
+    try:
+        text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS if sort_keys else None)
+    except orjson.JSONEncodeError:
+        text = None
+    if text is None or _WRITTEN_OTHERWISE.search(text):
+        # A string that merely holds such text only costs its document the slower encoder.
+        return json.dumps(document, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False).encode()
+    return text
 
 
 _RESOURCES = Resources(c.DEFAULT_CPU_UNITS, c.DEFAULT_MEMORY_MB)

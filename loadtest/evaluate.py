@@ -104,6 +104,7 @@ def service_section(results: dict[str, Any]) -> list[str]:
         "",
         "Method: `python -m loadtest.bench_service` — `taskqueue serve` as a process on a fresh database; submissions",
         "with dispatch paused (the API alone); drain from resume until no job waits; reads over 2000 requests.",
+        "The client is aiohttp, lighter than httpx: it shares the two cores with the service and the database.",
         "",
         "| measure | value |",
         "|---|---|",

@@ -5,8 +5,8 @@ summed every row appended since the last one (thousands a second under load, plu
 dead rows each fold left in the index), which cost more than the insert it answered.
 Now a statement adds its changes to its own server process's row of each bucket
 (`pg_backend_pid()`): a connection runs one transaction at a time, so no two
-transactions wait on the same row, and a position reads a few rows per bucket range.
-Folding skips the rows an open transaction holds. Frozen like 0001 and 0002.
+writers share a row, and a position reads a few rows per bucket range. Folding skips
+the rows an open transaction holds. Frozen like 0001 and 0002.
 
 Revision ID: 0004
 Revises: 0003

@@ -339,11 +339,12 @@ QUEUE_COUNTER_DROPS: Final = (
 # 59 minutes and 23 hours of bucket sums, plus the days before: bounded work, however
 # long the queue. Bucket k of a level holds floor(floor(sort_key) / width) = k.
 # Changes are kept as deltas per bucket and per server process (pg_backend_pid()): a
-# connection runs one transaction at a time, so no two transactions ever wait on the
-# same delta row, and each statement updates its process's row for a bucket in place
-# (fillfactor leaves room for HOT updates). A position reads a few rows per bucket
-# range, not one per statement since the last fold. The leader folds the deltas
-# into one base row per bucket, skipping rows an open transaction holds.
+# connection runs one transaction at a time, so no two writers ever share a delta row,
+# and each statement updates its process's row for a bucket in place (fillfactor
+# leaves room for HOT updates). A position reads a few rows per bucket range, not one
+# per statement since the last fold. The leader folds the deltas into one base row
+# per bucket, skipping rows an open transaction holds (a writer may wait out a fold's
+# few milliseconds on a row it is deleting).
 RANK_LEVEL_WIDTHS: Final = (1, 60, 3600, 86400)  # seconds; each a multiple of the last
 
 queue_rank_base = sa.Table(

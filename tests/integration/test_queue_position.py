@@ -9,6 +9,7 @@ check compares every ready job's position with a plain count.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -22,7 +23,8 @@ from queue_service.core.model import Priority, Resources
 from queue_service.core.policy import PolicyConfig
 from queue_service.core.validation import parse_job_spec
 from queue_service.db import insight, jobs, tables
-from queue_service.db.engine import autocommit
+from queue_service.db.engine import autocommit, create_engine
+from queue_service.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -290,3 +292,63 @@ async def test_vacuum_after_folding_keeps_the_position_read_small(engine: AsyncE
         assert await _assert_positions_exact(conn) == 4800
     assert churned < 60, churned
     assert vacuumed < churned, (churned, vacuumed)
+
+
+async def test_concurrent_writers_and_folds_lose_no_change(migrated_url: str, make_job: Any) -> None:
+    """Writers on several connections (each its own server process, so its own delta rows)
+    queue and claim jobs in transactions held open for a while, as a fold runs every few
+    milliseconds: every change is counted once, and no writer deadlocks with the fold
+    (it skips rows an open transaction holds)."""
+    engine = create_engine(Settings(database_url=migrated_url, db_pool_size=8, db_max_overflow=0))
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    "TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters,"
+                    " queue_rank_base, queue_rank_deltas"
+                )
+            )
+        base = 1_767_225_600.0
+        stop = asyncio.Event()
+        folds = 0
+
+        async def writer(number: int) -> None:
+            rng = random.Random(number)
+            for round_number in range(30):
+                async with engine.begin() as conn:
+                    rows = [
+                        (f"w{number}-{round_number:02d}-{i}", base + rng.uniform(-120, 120))
+                        for i in range(rng.randint(1, 6))
+                    ]
+                    await _insert(conn, make_job, rows)
+                    await asyncio.sleep(rng.uniform(0, 0.004))  # held open while folds run
+                    await conn.execute(
+                        sa.text(
+                            "UPDATE jobs SET status = 'running', attempts = 1, lease_token = gen_random_uuid(),"
+                            " lease_expires_at = now(), started_at = now() WHERE job_id IN ("
+                            "SELECT job_id FROM jobs WHERE status = 'ready' AND job_id LIKE :mine LIMIT 2)"
+                        ),
+                        {"mine": f"w{number}-%"},
+                    )
+
+        async def folder() -> None:
+            nonlocal folds
+            while not stop.is_set():
+                async with engine.begin() as conn:
+                    await conn.execute(sa.text("SELECT queue_rank_compact()"))
+                folds += 1
+                await asyncio.sleep(0.002)
+
+        folding = asyncio.create_task(folder())
+        await asyncio.gather(*(writer(number) for number in range(6)))
+        stop.set()
+        await folding
+        async with engine.begin() as conn:
+            before_last_fold = await _assert_positions_exact(conn)
+            await conn.execute(sa.text("SELECT queue_rank_compact()"))
+            assert await _assert_positions_exact(conn) == before_last_fold > 0
+            left = (await conn.execute(sa.text("SELECT count(*) FROM queue_rank_deltas"))).scalar_one()
+        assert left == 0
+        assert folds > 10
+    finally:
+        await engine.dispose()

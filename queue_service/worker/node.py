@@ -246,14 +246,16 @@ class WorkerNode:
                 log.exception("dispatch on %s failed; retrying", self.node_id)
                 await asyncio.sleep(self.settings.poll_interval_seconds)
                 continue
-            self._dispatch_paused = claims is None
-            if claims is not None:
-                self._launch(claims, time.monotonic() - started)
+            self._launch(claims, time.monotonic() - started)
 
     async def _claim(self, conn: AsyncConnection) -> list[Claim] | None:
         return await attempts.claim(conn, self.node_id, self.clock, self.policy, self.settings.lease_seconds)
 
-    def _launch(self, claims: list[Claim], claim_seconds: float) -> None:
+    def _launch(self, claims: list[Claim] | None, claim_seconds: float) -> None:
+        """Run what a claim started; None: it found dispatch paused (see _dispatch_paused)."""
+        self._dispatch_paused = claims is None
+        if claims is None:
+            return
         self._notify("claimed", self.node_id, claims, claim_seconds)
         for claim in claims:
             task = asyncio.create_task(self._run(claim), name=f"{claim.job_id}#{claim.attempt}")
@@ -376,9 +378,7 @@ class WorkerNode:
                     log.warning("%s attempt %d ended after losing its lease", claim.job_id, claim.attempt)
             if not claimed:
                 return False
-            self._dispatch_paused = claims is None
-            if claims is not None:
-                self._launch(claims, claim_seconds)
+            self._launch(claims, claim_seconds)
             return True
         return False  # unreachable: the last try returns
 

@@ -7,7 +7,6 @@ transaction commits, so a listener never hears of a change that rolled back.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,18 +30,9 @@ JOB_UPDATED: Final = "job.updated"
 def compact_json(document: Mapping[str, Any]) -> str:
     """One of our own documents (an announcement, a log entry's data) as compact JSON:
     orjson, a tenth of the standard encoder's time on every job's every change. Never
-    for client documents: orjson refuses integers past 64 bits, which JSON allows."""
+    for client documents (core.validation.standard_json is): orjson refuses integers past
+    64 bits, which JSON allows."""
     return orjson.dumps(document if isinstance(document, dict) else dict(document)).decode()
-
-
-def client_json(document: Any) -> str:
-    """A client's document (a payload) as JSON text for a jsonb column: orjson where it
-    can (a tenth of the standard encoder's time), the standard encoder for integers past
-    64 bits, which orjson refuses and JSON allows. The server parses either the same."""
-    try:
-        return orjson.dumps(document).decode()
-    except orjson.JSONEncodeError:
-        return json.dumps(document)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from queue_service.core import dag, states
 from queue_service.core.errors import FieldProblem, InvalidJob, UnknownDependency
 from queue_service.core.model import JobSpec, JobStatus, Resources
 from queue_service.core.policy import PolicyConfig, sort_key
-from queue_service.core.validation import check_schedulable, is_valid_job_id
+from queue_service.core.validation import check_schedulable, is_valid_job_id, standard_json
 from queue_service.db import driver, tables
 from queue_service.db.attempts import JobNotFound
 from queue_service.db.engine import autocommit, is_retryable, translate_errors
@@ -37,7 +37,6 @@ from queue_service.db.events import (
     WAKE_DISPATCH,
     LogEntry,
     StatusChange,
-    client_json,
     compact_json,
     iso_z,
 )
@@ -255,7 +254,7 @@ async def _create(
             _INSERT_SQL,
             {
                 **{column: [row[column] for row in rows] for column in _INSERTED_COLUMNS},
-                "payload": [client_json(row["payload"]) for row in rows],
+                "payload": [standard_json(row["payload"]).decode() for row in rows],
                 "now": now,
                 "edge_jobs": [s.job_id for s in specs for _ in s.depends_on],
                 "edge_parents": [d for s in specs for d in s.depends_on],
@@ -452,7 +451,7 @@ async def submit_alone(
             _INSERT_ALONE_SQL,
             {
                 **{column: row[column] for column in _INSERTED_COLUMNS if column not in _FIXED_ALONE},
-                "payload": client_json(row["payload"]),
+                "payload": standard_json(row["payload"]).decode(),
                 "now": now,
                 "log_events": [e.event for e in entries],
                 "log_messages": [e.message for e in entries],

@@ -13,7 +13,7 @@ import asyncio
 import random
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import pytest
 import sqlalchemy as sa
@@ -242,6 +242,13 @@ async def _position_read_pages(conn: AsyncConnection, job_id: str) -> int:
     return int(top["Shared Hit Blocks"] + top["Shared Read Blocks"])
 
 
+# Empty, the bucket tables truncated too: the rows earlier tests of the module left dead
+# there (the jobs trigger deletes them) would count in page reads and in folds.
+_EMPTY_WITH_BUCKETS: Final = sa.text(
+    "TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters, queue_rank_base, queue_rank_deltas"
+)
+
+
 @pytest.fixture
 async def without_autovacuum(engine: AsyncEngine) -> AsyncIterator[None]:
     """Autovacuum off on the tables folding churns, for this test only (the module shares a
@@ -268,13 +275,7 @@ async def test_vacuum_after_folding_keeps_the_position_read_small(engine: AsyncE
     deltas left 170); the leader's VACUUM after folding (vacuum_folded) brings it back
     to what a fresh table reads (9)."""
     async with engine.begin() as conn:
-        # The bucket tables too: the earlier tests' dead rows would count in the reads.
-        await conn.execute(
-            sa.text(
-                "TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters,"
-                " queue_rank_base, queue_rank_deltas"
-            )
-        )
+        await conn.execute(_EMPTY_WITH_BUCKETS)
     base = 1_767_225_600.0
     for round_number in range(60):  # a minute of one-by-one submissions, folded every second
         async with engine.begin() as conn:
@@ -302,12 +303,7 @@ async def test_concurrent_writers_and_folds_lose_no_change(migrated_url: str, ma
     engine = create_engine(Settings(database_url=migrated_url, db_pool_size=8, db_max_overflow=0))
     try:
         async with engine.begin() as conn:
-            await conn.execute(
-                sa.text(
-                    "TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters,"
-                    " queue_rank_base, queue_rank_deltas"
-                )
-            )
+            await conn.execute(_EMPTY_WITH_BUCKETS)
         base = 1_767_225_600.0
         stop = asyncio.Event()
         folds = 0

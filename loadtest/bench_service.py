@@ -236,7 +236,7 @@ async def measure(base: str, pid: int, database_url: str, rss_jobs: int) -> dict
         await client.post("/dispatch/pause")  # the API alone, until the two-node drain
         # Each way of accepting 1000 jobs is timed in ACCEPT_ROUNDS rounds, taken in turn so a
         # slow spell of the machine does not fall on one of them only; the median round counts.
-        rates: dict[str, list[float]] = {"sequential": [], "16_clients": [], "batch": []}
+        rates: dict[str, list[float]] = {way: [] for way in ACCEPT_LABELS}
         for round_number in range(ACCEPT_ROUNDS):
             rates["sequential"].append(await one_at_a_time(client, f"seq{round_number}", 1000))
             rates["16_clients"].append(await concurrent(client, f"conc{round_number}", 1000, 16))
@@ -250,7 +250,8 @@ async def measure(base: str, pid: int, database_url: str, rss_jobs: int) -> dict
         # A second node of the same default size, for the jobs the POST measures left waiting.
         with taskqueue(database_url, "worker", "--node-id", "bench-node-2"):
             await active_nodes(client, 2)
-            results["drain_two_nodes_jobs_per_s"] = await drain_waiting(client, 3 * 1000 * ACCEPT_ROUNDS)
+            waiting = len(ACCEPT_LABELS) * 1000 * ACCEPT_ROUNDS
+            results["drain_two_nodes_jobs_per_s"] = await drain_waiting(client, waiting)
         return {
             **results,
             "rss": await memory_growth(client, pid, rss_jobs) if rss_jobs else None,

@@ -376,8 +376,8 @@ _INSERT_SQL: Final = driver.Statement(
 # own transaction: one round trip where BEGIN, the replay check, the insert, the position
 # and COMMIT took five. It inserts only if neither the id nor the key is stored (else the
 # caller runs `submit`, which answers the replay or the conflict) and counts the ready jobs
-# ahead of the new one as POSITIONS_SQL does: the bucket sums of the seconds before its
-# own, plus the ready jobs ahead of it in its second (the new row is not yet visible).
+# ahead of the new one as POSITIONS_SQL does, in the function `queue_position` (the new row
+# is not yet visible to it), so this statement keeps one generic plan (see migration 0005).
 _INSERT_ALONE_SQL: Final = driver.Statement(
     sa.text(
         f"""
@@ -398,20 +398,13 @@ _INSERT_ALONE_SQL: Final = driver.Statement(
     ), announced AS (
         SELECT pg_notify(:channel, n.payload)
         FROM inserted CROSS JOIN unnest(CAST(:notice_payloads AS text[])) AS n(payload)
-    ), ranges AS (
-        SELECT * FROM unnest(
-            CAST(:range_levels AS smallint[]), CAST(:range_lows AS bigint[]), CAST(:range_highs AS bigint[])
-        ) AS r(level, low, high)
     )
     SELECT (SELECT job_id FROM inserted) AS inserted,
            (SELECT count(*) FROM announced) AS announced,
-           (SELECT coalesce(sum(b.jobs), 0) FROM ranges AS r JOIN queue_rank_base AS b
-                ON b.level = r.level AND b.bucket >= r.low AND b.bucket < r.high)
-         + (SELECT coalesce(sum(d.delta), 0) FROM ranges AS r JOIN queue_rank_deltas AS d
-                ON d.level = r.level AND d.bucket >= r.low AND d.bucket < r.high)
-         + (SELECT count(*) FROM jobs AS j
-            WHERE j.status = 'ready' AND j.sort_key >= :second
-              AND (j.sort_key, j.job_id) < (CAST(:sort_key AS float8), CAST(:job_id AS text))) AS position
+           queue_position(
+               CAST(:sort_key AS float8), CAST(:job_id AS text), CAST(:range_levels AS smallint[]),
+               CAST(:range_lows AS bigint[]), CAST(:range_highs AS bigint[])
+           ) AS position
     """
     )
 )
@@ -443,8 +436,7 @@ async def submit_alone(
     row = _job_row(spec, digest, 0, now, policy)
     entries = _first_entries(spec, {}, {spec.job_id}, now)
     change = StatusChange(spec.job_id, spec.type, spec.priority.value, row["status"], None, 0, now)
-    second = math.floor(row["sort_key"])
-    ranges = bucket_ranges(second)
+    ranges = bucket_ranges(row["sort_key"])
     with translate_errors():
         result = await driver.one(
             conn,
@@ -462,7 +454,6 @@ async def submit_alone(
                 "range_levels": [level for level, _, _ in ranges],
                 "range_lows": [low for _, low, _ in ranges],
                 "range_highs": [high for _, _, high in ranges],
-                "second": float(second),
             },
         )
     if result.inserted is None:

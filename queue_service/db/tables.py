@@ -429,6 +429,34 @@ LANGUAGE sql AS $$
     DELETE FROM queue_rank_base WHERE jobs = 0;
 $$
 """,
+    # The ready jobs ahead of (key, id): the bucket sums of the ranges `jobs.bucket_ranges`
+    # names for its second, plus the ready jobs ahead of it in that second. A function, not
+    # subqueries of the lone submission's statement: there the estimates of these reads
+    # made every execution plan the whole statement afresh (migration 0005 tells why).
+    # Its own reads keep one generic plan too: their shape (index ranges) does not
+    # depend on the values, and planning them with values cost more than running them.
+    """
+CREATE FUNCTION queue_position(key float8, id text, levels smallint[], lows bigint[], highs bigint[])
+RETURNS bigint
+LANGUAGE plpgsql STABLE
+SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+    RETURN (
+        SELECT coalesce(sum(b.jobs), 0)
+        FROM unnest(levels, lows, highs) AS r(level, low, high)
+        JOIN queue_rank_base AS b ON b.level = r.level AND b.bucket >= r.low AND b.bucket < r.high
+    ) + (
+        SELECT coalesce(sum(d.delta), 0)
+        FROM unnest(levels, lows, highs) AS r(level, low, high)
+        JOIN queue_rank_deltas AS d ON d.level = r.level AND d.bucket >= r.low AND d.bucket < r.high
+    ) + (
+        SELECT count(*) FROM jobs AS j
+        WHERE j.status = 'ready' AND j.sort_key >= floor(key) AND (j.sort_key, j.job_id) < (key, id)
+    );
+END
+$$
+""",
 )
 QUEUE_RANK_TRIGGERS: Final = (
     "CREATE TRIGGER jobs_rank_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows"
@@ -440,6 +468,7 @@ QUEUE_RANK_TRIGGERS: Final = (
     "CREATE TRIGGER jobs_rank_truncate AFTER TRUNCATE ON jobs FOR EACH STATEMENT EXECUTE FUNCTION queue_rank_apply()",
 )
 QUEUE_RANK_DROPS: Final = (
+    "DROP FUNCTION IF EXISTS queue_position(float8, text, smallint[], bigint[], bigint[])",
     "DROP FUNCTION IF EXISTS queue_rank_compact()",
     "DROP FUNCTION IF EXISTS queue_rank_apply()",
 )

@@ -229,6 +229,33 @@ async def test_a_lone_submission_answers_its_exact_position(engine: AsyncEngine,
     assert events == 2  # submitted, ready: once
 
 
+async def test_a_lone_submission_keeps_one_plan_beside_a_long_queue(engine: AsyncEngine, make_job: Any) -> None:
+    """With statistics of a long ready queue, the one-statement submission is planned
+    once per connection and then reuses its generic plan: planned afresh on every
+    execution it spent a third of its server time planning (migration 0005)."""
+    now = datetime.now(UTC)
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
+        await _insert(conn, make_job, [(f"queued{i:05d}", now.timestamp() - 2 * DAY + i * 0.18) for i in range(20_000)])
+    async with autocommit(engine) as conn:
+        await conn.execute(sa.text("ANALYZE jobs"))
+        for index in range(30):
+            spec = parse_job_spec({"type": "report"}, default_job_id=f"alone{index:02d}")
+            submitted = await jobs.submit_alone(
+                conn, spec, "digest", datetime.now(UTC), PolicyConfig(), [Resources(8, 4096)]
+            )
+            assert submitted is not None
+            assert submitted.job["position_in_queue"] == 20_000 + index
+        generic, custom = (
+            await conn.execute(
+                sa.text("SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE statement = :sql"),
+                {"sql": jobs._INSERT_ALONE_SQL.sql},
+            )
+        ).one()
+    # PostgreSQL plans the first five executions with their values, then compares.
+    assert (generic, custom) == (25, 5)
+
+
 async def _position_read_pages(conn: AsyncConnection, job_id: str) -> int:
     """Shared buffers one job's position read touches (EXPLAIN ANALYZE runs it)."""
     row = (await conn.execute(sa.text("SELECT job_id, sort_key FROM jobs WHERE job_id = :id"), {"id": job_id})).one()

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from queue_service.core import execution, states
 from queue_service.core.errors import QueueError
 from queue_service.core.model import ZERO, AttemptOutcome, JobStatus, Resources, RetryConfig
-from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, first_read, is_complete, plan
+from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, is_complete, plan
 from queue_service.db import driver, lifecycle
 from queue_service.db.events import (
     CANCEL_ATTEMPT,
@@ -79,40 +79,32 @@ async def set_paused(conn: AsyncConnection, paused: bool) -> None:
         await announce(conn, [{"event": DISPATCH_RESUMED}])
 
 
-# The node locked for this claim, with the pause switch and what already runs on it,
-# in one round trip. The running jobs are read as the statement starts, before the
-# lock may be waited for: an attempt that ended meanwhile still counts, which only
-# makes this plan more careful (the node's CHECK is the hard limit either way).
-# It also turns bitmap scans off for the rest of the claim's transaction: every
-# statement after it reads by index in order or by key, and with the statistics of
-# a queue a burst has just filled (autovacuum analyses it up to a minute later) the
-# planner took the window for a few rows, fetched every ready job by bitmap and
-# sorted them all to keep the first K — a claim cost grown with the queue.
-_NODE_SQL = driver.Statement(
+# What a claim plans from, in one round trip: the node, the pause switch, what already
+# runs on the node, and the first `window` ready jobs in queue order (none when paused or
+# the node is not active). Nothing is locked: a claim's starts are checked where they are
+# written (_START_SQL), and the node serialises its own claims (`worker.node`). A job
+# that ended since still counts as running, which only makes the plan more careful.
+_READ_SQL = driver.Statement(
     sa.text(
         """
-    SELECT set_config('enable_bitmapscan', 'off', true) AS planner,
-           n.cpu_capacity, n.memory_capacity, n.status, d.paused,
-           (SELECT coalesce(json_agg(json_build_array(
-                        j.job_id, j.cpu_units, j.memory_mb, extract(epoch FROM j.started_at) + j.timeout_seconds)),
-                    '[]')
-            FROM jobs AS j WHERE j.status = 'running' AND j.worker_id = n.node_id) AS running
+    SELECT n.cpu_capacity, n.memory_capacity, n.status, d.paused, r.running,
+           w.job_id, w.type, w.priority, w.attempts, w.sort_key, w.cpu_units, w.memory_mb, w.timeout_seconds,
+           w.ready_at
     FROM nodes AS n CROSS JOIN dispatch_control AS d
+    CROSS JOIN LATERAL (
+        SELECT coalesce(json_agg(json_build_array(
+                   j.job_id, j.cpu_units, j.memory_mb, extract(epoch FROM j.started_at) + j.timeout_seconds)),
+               '[]') AS running
+        FROM jobs AS j WHERE j.status = 'running' AND j.worker_id = n.node_id
+    ) AS r
+    LEFT JOIN LATERAL ready_window(CASE WHEN d.paused OR n.status <> 'active' THEN 0 ELSE :window END) AS w ON true
     WHERE n.node_id = :node
-    FOR UPDATE OF n
     """
     )
 )
 
-# The window is read, not locked: locking K rows per claim would write K row locks
-# when only the few chosen are started. _START_SQL locks those, skipping any another
-# node took meanwhile, so the starts are a subset of the plan, never more.
-_WINDOW_SQL = driver.Statement(
-    sa.text(
-        "SELECT job_id, type, priority, attempts, sort_key, cpu_units, memory_mb, timeout_seconds, ready_at "
-        "FROM jobs WHERE status = 'ready' ORDER BY sort_key, job_id LIMIT :window"
-    )
-)
+# More of the window, when the first read left the node room (policy.is_complete).
+_WINDOW_SQL = driver.Statement(sa.text("SELECT * FROM ready_window(:window)"))
 
 # Starting the chosen jobs is one statement: the jobs, their attempt rows, the node's
 # use, the log and the announcements (delivered at commit), all from arrays.
@@ -124,6 +116,10 @@ _START_SQL = driver.Statement(
             CAST(:ids AS text[]), CAST(:tokens AS uuid[]), CAST(:numbers AS integer[]),
             CAST(:cpu AS integer[]), CAST(:memory AS integer[])
         ) AS p(job_id, token, attempt, cpu_units, memory_mb)
+    ), active AS (
+        -- The node still active and dispatch not paused since the read: else nothing starts.
+        SELECT n.node_id FROM nodes AS n
+        WHERE n.node_id = :node AND n.status = 'active' AND NOT (SELECT paused FROM dispatch_control)
     ), locked AS (
         -- In id order, as everything else locks jobs. Still ready with the attempts the
         -- window saw (so no attempt number is taken twice), and not being taken by another node.
@@ -136,6 +132,7 @@ _START_SQL = driver.Statement(
             WHERE jobs.job_id = p.job_id AND jobs.status = 'ready' AND jobs.attempts = p.attempt - 1
             FOR UPDATE SKIP LOCKED
         ) AS j
+        WHERE EXISTS (SELECT FROM active)
     ), chosen AS (
         SELECT planned.* FROM planned JOIN locked USING (job_id)
     ), started AS (
@@ -168,39 +165,50 @@ _START_SQL = driver.Statement(
 
 
 async def claim(
-    conn: AsyncConnection, node_id: str, clock: Callable[[], datetime], policy: PolicyConfig, lease_seconds: float
+    conn: AsyncConnection,
+    node_id: str,
+    clock: Callable[[], datetime],
+    policy: PolicyConfig,
+    lease_seconds: float,
+    *,
+    first_window: int | None = None,
 ) -> list[Claim] | None:
-    """Lock the node and the first K ready jobs (SKIP LOCKED), let core.plan() choose,
-    and start what it chose, all in this transaction: three statements. None when
-    dispatch is paused: nothing starts anywhere until it is resumed.
+    """Read the node and the first ready jobs, let core.plan() choose, and start what it
+    chose: two statements, which need no transaction around them. None when dispatch is
+    paused: nothing starts anywhere until it is resumed.
 
-    The clock is read once the node is locked: an attempt that ended while we
-    waited for the lock has an earlier end than our starts, so attempt intervals
-    on a node never appear to overlap beyond its capacity.
+    The caller serialises the claims of one node (two at once would plan the same free
+    capacity; the node's CHECK would refuse the second's starts). `first_window` is how
+    many candidates to read first (core.first_read over what the caller knows runs);
+    the whole window is read only when those leave the node room. The clock is read
+    after the node: an attempt whose end that read saw has an earlier end than our
+    starts, so attempt intervals on a node never appear to overlap beyond its capacity.
     """
-    node = await driver.fetchrow(conn, _NODE_SQL, {"node": node_id})
-    if node is not None and node.paused:
+    asked = policy.candidate_window if first_window is None else first_window
+    rows = await driver.fetch(conn, _READ_SQL, {"node": node_id, "window": asked})
+    if not rows:
+        return []
+    node = rows[0]
+    if node.paused:
         return None
-    if node is None or node.status != "active":
+    if node.status != "active":
         return []
     now = clock()
     running = [RunningJob(job_id, Resources(cpu, memory), end) for job_id, cpu, memory, end in node.running]
     capacity = Resources(node.cpu_capacity, node.memory_capacity)
-    # Most claims fill the node from the first few candidates; the whole window is read
-    # only when they leave room, and plan() then decides exactly as over the whole window.
-    asked = first_read(capacity, running, policy)
+    window = [row for row in rows if row.job_id is not None]
     while True:
-        rows = await driver.fetch(conn, _WINDOW_SQL, {"window": asked})
         candidates = [
-            Candidate(r.job_id, r.sort_key, Resources(r.cpu_units, r.memory_mb), r.timeout_seconds) for r in rows
+            Candidate(r.job_id, r.sort_key, Resources(r.cpu_units, r.memory_mb), r.timeout_seconds) for r in window
         ]
         starts = plan(epoch(now), candidates, running, capacity, policy)
-        if is_complete(starts, running, capacity, len(rows), asked, policy):
+        if is_complete(starts, running, capacity, len(window), asked, policy):
             break
         asked = policy.candidate_window
+        window = await driver.fetch(conn, _WINDOW_SQL, {"window": asked})
     if not starts:
         return []
-    return await _start(conn, node_id, starts, {r.job_id: r for r in rows}, now, lease_seconds)
+    return await _start(conn, node_id, starts, {r.job_id: r for r in window}, now, lease_seconds)
 
 
 async def _start(

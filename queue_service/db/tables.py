@@ -458,6 +458,30 @@ END
 $$
 """,
 )
+# A claim's window: the first `size` ready jobs in queue order, read by the ready-queue
+# index whatever the statistics say. A queue a burst has just filled has none yet
+# (autovacuum analyses it up to a minute later), and the planner then took the window
+# for a few rows, fetched every ready job by bitmap and sorted them all to keep the
+# first K: a claim cost grown with the queue. One generic plan, made once per session.
+READY_WINDOW_FUNCTION: Final = """
+CREATE FUNCTION ready_window(size integer)
+RETURNS TABLE (
+    job_id text, type text, priority text, attempts integer, sort_key float8, cpu_units integer,
+    memory_mb integer, timeout_seconds float8, ready_at timestamptz
+)
+LANGUAGE plpgsql STABLE
+SET enable_bitmapscan = off
+SET enable_seqscan = off
+SET plan_cache_mode = force_generic_plan
+AS $$
+BEGIN
+    RETURN QUERY
+        SELECT j.job_id, j.type, j.priority, j.attempts, j.sort_key, j.cpu_units, j.memory_mb, j.timeout_seconds,
+               j.ready_at
+        FROM jobs AS j WHERE j.status = 'ready' ORDER BY j.sort_key, j.job_id LIMIT size;
+END
+$$
+"""
 QUEUE_RANK_TRIGGERS: Final = (
     "CREATE TRIGGER jobs_rank_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows"
     " FOR EACH STATEMENT EXECUTE FUNCTION queue_rank_apply()",
@@ -468,6 +492,7 @@ QUEUE_RANK_TRIGGERS: Final = (
     "CREATE TRIGGER jobs_rank_truncate AFTER TRUNCATE ON jobs FOR EACH STATEMENT EXECUTE FUNCTION queue_rank_apply()",
 )
 QUEUE_RANK_DROPS: Final = (
+    "DROP FUNCTION IF EXISTS ready_window(integer)",
     "DROP FUNCTION IF EXISTS queue_position(float8, text, smallint[], bigint[], bigint[])",
     "DROP FUNCTION IF EXISTS queue_rank_compact()",
     "DROP FUNCTION IF EXISTS queue_rank_apply()",
@@ -488,7 +513,15 @@ def _executor(statements: Sequence[str]) -> Callable[..., None]:
 sa.event.listen(
     metadata,
     "after_create",
-    _executor((*QUEUE_COUNTER_FUNCTIONS, *QUEUE_COUNTER_TRIGGERS, *QUEUE_RANK_FUNCTIONS, *QUEUE_RANK_TRIGGERS)),
+    _executor(
+        (
+            *QUEUE_COUNTER_FUNCTIONS,
+            *QUEUE_COUNTER_TRIGGERS,
+            *QUEUE_RANK_FUNCTIONS,
+            *QUEUE_RANK_TRIGGERS,
+            READY_WINDOW_FUNCTION,
+        )
+    ),
 )
 sa.event.listen(metadata, "after_drop", _executor((*QUEUE_COUNTER_DROPS, *QUEUE_RANK_DROPS)))
 

@@ -9,21 +9,24 @@ falls back to polling every `poll_interval_seconds` if a notification is missed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from queue_service.core.model import AttemptOutcome
+from queue_service.core.policy import RunningJob, first_read
 from queue_service.db import attempts, driver
 from queue_service.db.attempts import AttemptEnd, Claim
+from queue_service.db.engine import autocommit
 from queue_service.db.events import CANCEL_ATTEMPT, DISPATCH_RESUMED, JOB_UPDATED, WAKE_DISPATCH
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings
@@ -111,6 +114,9 @@ class WorkerNode:
         self.capacity = self.settings.node_capacity()
         self.running: dict[str, RunningAttempt] = {}
         self._wake = asyncio.Event()
+        # One claim at a time: the dispatch loop and the recorder both claim, and two
+        # claims at once would plan the same free capacity (see attempts.claim).
+        self._claiming = asyncio.Lock()
         # Dispatch was paused at the last claim: submissions do not wake the loop (each
         # would be a claim transaction that finds it paused); a resume notice or the
         # poll interval does.
@@ -238,18 +244,34 @@ class WorkerNode:
                 return
             if self._full():  # an ending attempt wakes us; claiming now could start nothing
                 continue
-            started = time.monotonic()
             try:
-                async with driver.transaction(self.engine) as conn:
-                    claims = await self._claim(conn)
+                await self._claim_and_launch()
             except Exception:
                 log.exception("dispatch on %s failed; retrying", self.node_id)
                 await asyncio.sleep(self.settings.poll_interval_seconds)
-                continue
+
+    async def _claim_and_launch(self) -> None:
+        """Claim for what is free and run what the claim started."""
+        async with self._claiming:
+            started = time.monotonic()
+            async with autocommit(self.engine) as conn:
+                claims = await attempts.claim(
+                    conn,
+                    self.node_id,
+                    self.clock,
+                    self.policy,
+                    self.settings.lease_seconds,
+                    first_window=self._first_window(),
+                )
             self._launch(claims, time.monotonic() - started)
 
-    async def _claim(self, conn: AsyncConnection) -> list[Claim] | None:
-        return await attempts.claim(conn, self.node_id, self.clock, self.policy, self.settings.lease_seconds)
+    def _first_window(self, ending: Collection[str] = ()) -> int:
+        """How many candidates a claim reads first (core.first_read), from what runs here
+        but for the attempts whose ends this claim's transaction writes."""
+        running = [
+            RunningJob(job_id, a.claim.resources, 0.0) for job_id, a in self.running.items() if job_id not in ending
+        ]
+        return first_read(self.capacity, running, self.policy)
 
     def _launch(self, claims: list[Claim] | None, claim_seconds: float) -> None:
         """Run what a claim started; None: it found dispatch paused (see _dispatch_paused)."""
@@ -351,21 +373,34 @@ class WorkerNode:
         (if it never lands, the lease expires and the reaper retries the job).
 
         The same transaction then claims for the resources the endings freed, as the
-        dispatch loop would right after: the node's row is already locked by the
-        release, and a node draining short jobs pays one transaction per round
-        instead of two. Only on the first try: if anything fails, the endings are
-        written alone and the dispatch loop claims. True when it claimed here."""
+        dispatch loop would right after: a node draining short jobs pays one
+        transaction (and one commit) per round instead of two. Only on the first try:
+        if anything fails, the endings are written alone and the dispatch loop claims.
+        True when it claimed here."""
         endings = [attempts.Ending(claim.job_id, claim.lease_token, end) for claim, end, _ in batch]
+        ending = {claim.job_id for claim, _, _ in batch}
         claiming = not self._stopping
         for delay in (0.1, 0.5, 1.0, 2.0, None):
             try:
-                claimed, claims, claim_seconds = False, None, 0.0
-                async with driver.transaction(self.engine) as conn:
-                    owned = await attempts.end_attempts(conn, endings, self.clock(), self.policy)
-                    if claiming and not self._stopping:
-                        started = time.monotonic()
-                        claims = await self._claim(conn)
-                        claimed, claim_seconds = True, time.monotonic() - started
+                # The claim lock before the transaction, as the dispatch loop takes it before
+                # its statements: never a transaction waiting for the lock while holding rows.
+                async with self._claiming if claiming else contextlib.nullcontext():
+                    claimed, claims, claim_seconds = False, None, 0.0
+                    async with driver.transaction(self.engine) as conn:
+                        owned = await attempts.end_attempts(conn, endings, self.clock(), self.policy)
+                        if claiming and not self._stopping:
+                            started = time.monotonic()
+                            claims = await attempts.claim(
+                                conn,
+                                self.node_id,
+                                self.clock,
+                                self.policy,
+                                self.settings.lease_seconds,
+                                first_window=self._first_window(ending),
+                            )
+                            claimed, claim_seconds = True, time.monotonic() - started
+                    if claimed:
+                        self._launch(claims, claim_seconds)
             except Exception:
                 claiming = False
                 if delay is None:
@@ -376,10 +411,7 @@ class WorkerNode:
             for (claim, _, _), recorded in zip(batch, owned, strict=True):
                 if not recorded:
                     log.warning("%s attempt %d ended after losing its lease", claim.job_id, claim.attempt)
-            if not claimed:
-                return False
-            self._launch(claims, claim_seconds)
-            return True
+            return claimed
         return False  # unreachable: the last try returns
 
     # ------------------------------------------------------------ periodic duties

@@ -147,14 +147,14 @@ async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_
     try:
         node = await nodes("paused", poll_interval_seconds=60)
         claims = 0
-        claim = node._claim
+        claim = node._claim_and_launch
 
-        async def counted(conn: Any) -> Any:
+        async def counted() -> None:
             nonlocal claims
             claims += 1
-            return await claim(conn)
+            await claim()
 
-        monkeypatch.setattr(node, "_claim", counted)
+        monkeypatch.setattr(node, "_claim_and_launch", counted)
         for index in range(40):
             await insert_ready(engine, [{"job_id": f"held-{index:02d}"}])  # each with its wake notice
         await asyncio.sleep(0.5)

@@ -167,6 +167,47 @@ async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_
             await attempts.set_paused(conn, False)
 
 
+async def test_a_node_runs_one_claim_at_a_time(
+    engine: AsyncEngine, nodes: NodeFactory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The dispatch loop and the recorder both claim, and a claim plans from a read
+    that locks nothing: two at once would plan the same free units (backfilling
+    different jobs from different views, the second's starts would break the node's
+    CHECK). So a node runs its claims one after another, whoever asks."""
+    claim = attempts.claim
+    in_flight, most = 0, 0
+
+    async def watched(*args: Any, **kwargs: Any) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0.005)  # between the caller's ask and the read: room for another claim
+            return await claim(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(attempts, "claim", watched)
+    node = await nodes("busy", cpu=3, memory=2048, poll_interval_seconds=60)
+    await asyncio.gather(*(node._claim_and_launch() for _ in range(3)))
+    assert most == 1
+    # Sizes of 1 to 3 units; each insert's notice wakes the dispatch loop while the recorder claims.
+    for first in range(0, 150, 3):
+        await insert_ready(
+            engine,
+            [
+                {"job_id": f"short_{i:03d}", "cpu": 1 + i * 7 % 3, "simulate": {"duration_seconds": 0}}
+                for i in range(first, first + 3)
+            ],
+        )
+    await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 150, timeout=60)
+    async with engine.connect() as conn:
+        attempts_made = (await conn.execute(sa.text("SELECT count(*) FROM job_attempts"))).scalar_one()
+    assert attempts_made == 150
+    assert most == 1
+    assert not [r for r in caplog.records if r.name == node.__module__ and r.levelname == "ERROR"]
+
+
 async def test_two_nodes_share_work_without_running_anything_twice(engine: AsyncEngine, nodes: NodeFactory) -> None:
     await nodes("node-a", cpu=4, memory=2048)
     await nodes("node-b", cpu=4, memory=2048)

@@ -72,9 +72,9 @@ BEGIN
         SELECT coalesce(sum(d.delta), 0)
         FROM unnest(levels, lows, highs) AS r(level, low, high)
         JOIN queue_rank_deltas AS d ON d.level = r.level AND d.bucket >= r.low AND d.bucket < r.high
-    ) + (
+    ) - (
         SELECT count(*) FROM jobs AS j
-        WHERE j.status = 'ready' AND j.sort_key >= floor(key) AND (j.sort_key, j.job_id) < (key, id)
+        WHERE j.status = 'ready' AND (j.sort_key, j.job_id) >= (key, id) AND j.sort_key < floor(key) + 1
     );
 END
 $$

@@ -376,8 +376,9 @@ _INSERT_SQL: Final = driver.Statement(
 # own transaction: one round trip where BEGIN, the replay check, the insert, the position
 # and COMMIT took five. It inserts only if neither the id nor the key is stored (else the
 # caller runs `submit`, which answers the replay or the conflict) and counts the ready jobs
-# ahead of the new one as POSITIONS_SQL does, in the function `queue_position` (the new row
-# is not yet visible to it), so this statement keeps one generic plan (see migration 0005).
+# ahead of the new one in the function `queue_position` (the new row is not yet visible to
+# it, nor counted in the buckets: the triggers run after the statement), so this
+# statement keeps one generic plan (see migration 0005).
 _INSERT_ALONE_SQL: Final = driver.Statement(
     sa.text(
         f"""
@@ -436,7 +437,7 @@ async def submit_alone(
     row = _job_row(spec, digest, 0, now, policy)
     entries = _first_entries(spec, {}, {spec.job_id}, now)
     change = StatusChange(spec.job_id, spec.type, spec.priority.value, row["status"], None, 0, now)
-    ranges = bucket_ranges(row["sort_key"])
+    ranges = [*bucket_ranges(row["sort_key"]), own_second(row["sort_key"])]
     with translate_errors():
         result = await driver.one(
             conn,
@@ -785,6 +786,13 @@ def bucket_ranges(key: float) -> list[tuple[int, int, int]]:
     ]
     ranges.append((len(widths), _LOWEST_BUCKET, buckets[-1]))
     return ranges
+
+
+def own_second(key: float) -> tuple[int, int, int]:
+    """The bucket range of `key`'s own second (level 1), which `queue_position` counts
+    whole and then takes the ready jobs at or after `key` away from."""
+    second = math.floor(key)
+    return 1, second, second + 1
 
 
 def positions_parameters(ready: Sequence[Any]) -> dict[str, list[Any]]:

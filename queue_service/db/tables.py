@@ -429,8 +429,10 @@ LANGUAGE sql AS $$
     DELETE FROM queue_rank_base WHERE jobs = 0;
 $$
 """,
-    # The ready jobs ahead of (key, id): the bucket sums of the ranges `jobs.bucket_ranges`
-    # names for its second, plus the ready jobs ahead of it in that second. A function, not
+    # The ready jobs ahead of (key, id): the bucket sums of the ranges it is given (those
+    # `jobs.bucket_ranges` names, and its own second's), less the ready jobs at or after
+    # it in its own second (most often none: read from the index, where counting those
+    # ahead of it read as many rows as a busy second brings). A function, not
     # subqueries of the lone submission's statement: there the estimates of these reads
     # made every execution plan the whole statement afresh (migration 0005 tells why).
     # Its own reads keep one generic plan too: their shape (index ranges) does not
@@ -450,9 +452,9 @@ BEGIN
         SELECT coalesce(sum(d.delta), 0)
         FROM unnest(levels, lows, highs) AS r(level, low, high)
         JOIN queue_rank_deltas AS d ON d.level = r.level AND d.bucket >= r.low AND d.bucket < r.high
-    ) + (
+    ) - (
         SELECT count(*) FROM jobs AS j
-        WHERE j.status = 'ready' AND j.sort_key >= floor(key) AND (j.sort_key, j.job_id) < (key, id)
+        WHERE j.status = 'ready' AND (j.sort_key, j.job_id) >= (key, id) AND j.sort_key < floor(key) + 1
     );
 END
 $$

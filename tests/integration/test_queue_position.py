@@ -229,6 +229,38 @@ async def test_a_lone_submission_answers_its_exact_position(engine: AsyncEngine,
     assert events == 2  # submitted, ready: once
 
 
+async def test_a_lone_submission_counts_its_own_second_exactly(engine: AsyncEngine, make_job: Any) -> None:
+    """Its own second is counted whole from the buckets, less the ready jobs at or after
+    it there: jobs of that second before it, tied on the key before and after its id,
+    and after it must each land on the right side; the second before and after too."""
+    at = datetime(2026, 3, 1, 12, 0, 0, 500_000, tzinfo=UTC)
+    key = at.timestamp()  # a low-priority job has no head start: its key is its time
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
+        await _insert(
+            conn,
+            make_job,
+            [
+                ("a_before", key - 0.4),
+                ("m_tied_before", key),
+                ("z_tied_after", key),
+                ("a_after", key + 0.3),
+                ("a_previous_second", key - 0.6),
+                ("a_next_second", key + 0.6),
+            ],
+        )
+    for folded in (False, True):
+        job_id = f"n_alone_{folded}"
+        async with autocommit(engine) as conn:
+            if folded:
+                await conn.execute(sa.text("SELECT queue_rank_compact()"))
+            spec = parse_job_spec({"type": "report", "priority": "low"}, default_job_id=job_id)
+            submitted = await jobs.submit_alone(conn, spec, "digest", at, PolicyConfig(), [Resources(8, 4096)])
+        assert submitted is not None
+        ahead = 3 + int(folded)  # a_previous_second, a_before, m_tied_before; then the first alone job
+        assert submitted.job["position_in_queue"] == ahead
+
+
 async def test_a_lone_submission_keeps_one_plan_beside_a_long_queue(engine: AsyncEngine, make_job: Any) -> None:
     """With statistics of a long ready queue, the one-statement submission is planned
     once per connection and then reuses its generic plan: planned afresh on every

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from queue_service.core import execution, states
 from queue_service.core.errors import QueueError
 from queue_service.core.model import ZERO, AttemptOutcome, JobStatus, Resources, RetryConfig
-from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, is_complete, plan
+from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, first_read, is_complete, plan
 from queue_service.db import driver, lifecycle
 from queue_service.db.events import (
     CANCEL_ATTEMPT,
@@ -179,12 +179,13 @@ async def claim(
 
     The caller serialises the claims of one node (two at once would plan the same free
     capacity; the node's CHECK would refuse the second's starts). `first_window` is how
-    many candidates to read first (core.first_read over what the caller knows runs);
-    the whole window is read only when those leave the node room. The clock is read
+    many candidates to read first (core.first_read over what the caller knows runs; by
+    default the fewest it reads); the whole window is read only when those leave the
+    node room. The clock is read
     after the node: an attempt whose end that read saw has an earlier end than our
     starts, so attempt intervals on a node never appear to overlap beyond its capacity.
     """
-    asked = policy.candidate_window if first_window is None else first_window
+    asked = first_read(ZERO, [], policy) if first_window is None else first_window  # nothing known: the fewest
     rows = await driver.fetch(conn, _READ_SQL, {"node": node_id, "window": asked})
     if not rows:
         return []

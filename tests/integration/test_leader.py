@@ -244,7 +244,9 @@ async def test_kill_9_the_leader_process_and_the_other_worker_takes_over(migrate
         new_holder = None
         while time.monotonic() - killed_at < 15:
             new_holder = await lock_holder(migrated_url)
-            if new_holder is not None:
+            # The killed process's server session holds the lock until the server notices
+            # the closed socket: a moment, longer on a loaded machine.
+            if new_holder not in (None, LEADER_APPLICATION_PREFIX + leader.node_id):
                 break
             await asyncio.sleep(0.05)
         takeover = time.monotonic() - killed_at

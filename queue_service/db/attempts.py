@@ -181,9 +181,9 @@ async def claim(
     capacity; the node's CHECK would refuse the second's starts). `first_window` is how
     many candidates to read first (core.first_read over what the caller knows runs; by
     default the fewest it reads); the whole window is read only when those leave the
-    node room. The clock is read
-    after the node: an attempt whose end that read saw has an earlier end than our
-    starts, so attempt intervals on a node never appear to overlap beyond its capacity.
+    node room. The clock is read after the node: an attempt whose end that read saw has
+    an earlier end than our starts, so attempt intervals on a node never appear to
+    overlap beyond its capacity.
     """
     asked = first_read(ZERO, [], policy) if first_window is None else first_window  # nothing known: the fewest
     rows = await driver.fetch(conn, _READ_SQL, {"node": node_id, "window": asked})

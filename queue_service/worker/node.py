@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from queue_service.core.model import AttemptOutcome
 from queue_service.core.policy import RunningJob, first_read
@@ -255,23 +255,20 @@ class WorkerNode:
         async with self._claiming:
             started = time.monotonic()
             async with autocommit(self.engine) as conn:
-                claims = await attempts.claim(
-                    conn,
-                    self.node_id,
-                    self.clock,
-                    self.policy,
-                    self.settings.lease_seconds,
-                    first_window=self._first_window(),
-                )
+                claims = await self._claim(conn)
             self._launch(claims, time.monotonic() - started)
 
-    def _first_window(self, ending: Collection[str] = ()) -> int:
-        """How many candidates a claim reads first (core.first_read), from what runs here
-        but for the attempts whose ends this claim's transaction writes."""
+    async def _claim(self, conn: AsyncConnection, ending: Collection[str] = ()) -> list[Claim] | None:
+        """`attempts.claim` for this node, reading first as many candidates as
+        core.first_read gives for what runs here, but for the attempts whose ends the
+        claim's transaction writes. The caller holds the claim lock."""
         running = [
             RunningJob(job_id, a.claim.resources, 0.0) for job_id, a in self.running.items() if job_id not in ending
         ]
-        return first_read(self.capacity, running, self.policy)
+        first_window = first_read(self.capacity, running, self.policy)
+        return await attempts.claim(
+            conn, self.node_id, self.clock, self.policy, self.settings.lease_seconds, first_window=first_window
+        )
 
     def _launch(self, claims: list[Claim] | None, claim_seconds: float) -> None:
         """Run what a claim started; None: it found dispatch paused (see _dispatch_paused)."""
@@ -390,14 +387,7 @@ class WorkerNode:
                         owned = await attempts.end_attempts(conn, endings, self.clock(), self.policy)
                         if claiming and not self._stopping:
                             started = time.monotonic()
-                            claims = await attempts.claim(
-                                conn,
-                                self.node_id,
-                                self.clock,
-                                self.policy,
-                                self.settings.lease_seconds,
-                                first_window=self._first_window(ending),
-                            )
+                            claims = await self._claim(conn, ending)
                             claimed, claim_seconds = True, time.monotonic() - started
                     if claimed:
                         self._launch(claims, claim_seconds)

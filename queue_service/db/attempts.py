@@ -586,15 +586,25 @@ async def renew_leases(
     """Extend this node's live leases; returns the tokens still held (a cancelled or
     reaped attempt's token is gone, and its task should stop).
 
-    Job rows are locked before the node row, the order every other command uses
-    (end an attempt: job, then its node), so a heartbeat never deadlocks with them.
+    Job rows are locked in id order and before the node row, the order every other
+    command uses (end an attempt: its job, then its node), so a heartbeat never
+    deadlocks with them. A bare UPDATE would lock them in the order it finds them on
+    disk, and deadlocked with the recorder ending the same node's attempts.
     """
     held: set[uuid.UUID] = set()
     if tokens:
         rows = await conn.execute(
             sa.text(
-                "UPDATE jobs SET lease_expires_at = :until WHERE status = 'running' AND worker_id = :node "
-                "AND lease_token = ANY(CAST(:tokens AS uuid[])) RETURNING lease_token"
+                """
+                UPDATE jobs SET lease_expires_at = :until
+                FROM (
+                    SELECT job_id FROM jobs
+                    WHERE status = 'running' AND worker_id = :node AND lease_token = ANY(CAST(:tokens AS uuid[]))
+                    ORDER BY job_id FOR UPDATE
+                ) AS renewed
+                WHERE jobs.job_id = renewed.job_id
+                RETURNING jobs.lease_token
+                """
             ),
             {"until": now + timedelta(seconds=lease_seconds), "node": node_id, "tokens": tokens},
         )

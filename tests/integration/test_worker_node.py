@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -19,9 +20,9 @@ from queue_service.core.policy import PolicyConfig, sort_key
 from queue_service.core.validation import parse_job_spec
 from queue_service.db import attempts, jobs
 from queue_service.db.attempts import AttemptEnd
-from queue_service.db.engine import autocommit, create_engine
+from queue_service.db.engine import asyncpg_dsn, autocommit, create_engine
 from queue_service.db.listener import EventListener
-from queue_service.settings import Settings
+from queue_service.settings import Settings, normalize_database_url
 from queue_service.worker.leader import Leader
 from queue_service.worker.node import WorkerNode
 
@@ -404,3 +405,50 @@ async def test_a_dependant_of_two_parents_ending_in_one_batch_becomes_ready(engi
         ).one()
     assert tuple(child) == ("ready", 0)
     assert tuple(used) == (0, 0)
+
+
+async def test_a_heartbeat_locks_jobs_in_the_order_the_recorder_does(
+    engine: AsyncEngine, clean: None, migrated_url: str
+) -> None:
+    """Renewing leases locks the node's running jobs, as recording their ends does (in id
+    order). Locked in the order the rows lie on disk instead, a heartbeat and the recorder
+    deadlocked: each held a job the other waited for (seen in a 64-unit drain), and the
+    deadlock check held both for a second before failing one."""
+    node_id = "beating"
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO nodes (node_id, cpu_capacity, memory_capacity, cpu_used, memory_used, status,"
+                " started_at, heartbeat_at) VALUES (:node, 8, 4096, 0, 0, 'active', now(), now())"
+            ),
+            {"node": node_id},
+        )
+    await insert_ready(engine, [{"job_id": "job_a"}, {"job_id": "job_b"}])
+    async with autocommit(engine) as conn:
+        claims = await attempts.claim(conn, node_id, lambda: datetime.now(UTC), Settings().policy_config(), 30)
+        assert claims is not None
+        # job_a's row moves past job_b's on disk (a new version, not a HOT one): disk order is no longer id order.
+        await conn.execute(
+            sa.text("UPDATE jobs SET created_at = created_at - interval '1 second' WHERE job_id = 'job_a'")
+        )
+    tokens = {claim.job_id: claim.lease_token for claim in claims}
+    assert set(tokens) == {"job_a", "job_b"}
+
+    recorder = await asyncpg.connect(asyncpg_dsn(normalize_database_url(migrated_url)))
+    try:
+        await recorder.execute("SET deadlock_timeout = '50ms'")  # this side detects a cycle, fast
+        transaction = recorder.transaction()
+        await transaction.start()
+        await recorder.execute("SELECT 1 FROM jobs WHERE job_id = 'job_a' FOR UPDATE")
+
+        async def beat() -> set[uuid.UUID]:
+            async with engine.begin() as conn:
+                return await attempts.renew_leases(conn, node_id, list(tokens.values()), datetime.now(UTC), 30)
+
+        heartbeat = asyncio.create_task(beat())
+        await asyncio.sleep(0.3)  # the heartbeat now waits for job_a (holding job_b too, if it went by disk order)
+        await recorder.execute("SELECT 1 FROM jobs WHERE job_id = 'job_b' FOR UPDATE")  # the recorder's next lock
+        await transaction.commit()
+        assert await asyncio.wait_for(heartbeat, 5) == set(tokens.values())
+    finally:
+        await recorder.close()

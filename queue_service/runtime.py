@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from queue_service.core.model import Resources
-from queue_service.db import jobs, migrate
+from queue_service.db import driver, jobs, migrate
 from queue_service.db.embedded import start_embedded
 from queue_service.db.engine import create_engine
 from queue_service.db.listener import EventListener
@@ -45,7 +45,7 @@ class CapacityCache:
     capacities: list[Resources] = field(default_factory=list)
     read_at: float = -math.inf
 
-    async def get(self, conn: AsyncConnection) -> list[Resources]:
+    async def get(self, conn: driver.Executor) -> list[Resources]:
         if time.monotonic() - self.read_at > CAPACITY_CACHE_SECONDS:
             self.capacities = await jobs.live_capacities(conn)
             self.read_at = time.monotonic()

@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from loadtest.peers import (
     BATCH_SIZE,
@@ -32,7 +32,7 @@ from loadtest.peers import (
 )
 from queue_service.api.submission import parse_one
 from queue_service.core.model import Resources
-from queue_service.db import insight, jobs, migrate
+from queue_service.db import driver, insight, jobs, migrate
 from queue_service.db.engine import autocommit, create_engine
 from queue_service.db.listener import EventListener
 from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
@@ -75,7 +75,7 @@ async def _submit(
     """One request's worth of jobs, parsed and submitted as the API does (`jobs.submit_request`)."""
     pairs = [parse_one(document) for document in documents]
 
-    async def live(_conn: AsyncConnection) -> Sequence[Resources]:
+    async def live(_conn: driver.Executor) -> Sequence[Resources]:
         return capacities  # read once, as the API's one-second cache serves them
 
     await jobs.submit_request(

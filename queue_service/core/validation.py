@@ -149,7 +149,9 @@ def standard_json(document: Any, *, sort_keys: bool = False) -> bytes:
         text = orjson.dumps(document, option=orjson.OPT_SORT_KEYS if sort_keys else None)
     except orjson.JSONEncodeError:
         text = None
-    if text is None or _WRITTEN_OTHERWISE.search(text):
+    # The substring tests first: the pattern can only match where one holds, and a
+    # document with neither (nearly all) then costs no regular-expression scan.
+    if text is None or ((b"0.0000" in text or b"e-" in text) and _WRITTEN_OTHERWISE.search(text)):
         # A string that merely holds such text only costs its document the slower encoder.
         return json.dumps(document, sort_keys=sort_keys, separators=(",", ":"), ensure_ascii=False).encode()
     return text

@@ -107,65 +107,26 @@ _READ_SQL = driver.Statement(
 _WINDOW_SQL = driver.Statement(sa.text("SELECT * FROM ready_window(:window)"))
 
 # Starting the chosen jobs is one statement: the jobs, their attempt rows, the node's
-# use, the log and the announcements (delivered at commit), all from arrays.
+# use, the log and the announcements (delivered at commit), all from arrays, in the
+# function `start_attempts` (migration 0006), which keeps one generic plan where the
+# statement sent as such was planned again at every execution.
 _START_SQL = driver.Statement(
     sa.text(
-        f"""
-    WITH planned AS (
-        SELECT * FROM unnest(
-            CAST(:ids AS text[]), CAST(:tokens AS uuid[]), CAST(:numbers AS integer[]),
-            CAST(:cpu AS integer[]), CAST(:memory AS integer[])
-        ) AS p(job_id, token, attempt, cpu_units, memory_mb)
-    ), active AS (
-        -- The node still active and dispatch not paused since the read: else nothing starts.
-        SELECT n.node_id FROM nodes AS n
-        WHERE n.node_id = :node AND n.status = 'active' AND NOT (SELECT paused FROM dispatch_control)
-    ), locked AS (
-        -- In id order, as everything else locks jobs. Still ready with the attempts the
-        -- window saw (so no attempt number is taken twice), and not being taken by another node.
-        -- One primary-key lookup per planned job: joined instead, a planner with stale
-        -- statistics (a burst just queued) read the whole ready queue to find the few.
-        SELECT j.job_id
-        FROM (SELECT * FROM planned ORDER BY job_id) AS p
-        CROSS JOIN LATERAL (
-            SELECT jobs.job_id FROM jobs
-            WHERE jobs.job_id = p.job_id AND jobs.status = 'ready' AND jobs.attempts = p.attempt - 1
-            FOR UPDATE SKIP LOCKED
-        ) AS j
-        WHERE EXISTS (SELECT FROM active)
-    ), chosen AS (
-        SELECT planned.* FROM planned JOIN locked USING (job_id)
-    ), started AS (
-        UPDATE jobs SET status = 'running', attempts = c.attempt, started_at = :now, worker_id = :node,
-                        lease_token = c.token, lease_expires_at = :lease_until, updated_at = :now
-        FROM chosen AS c
-        WHERE jobs.job_id = c.job_id
-        RETURNING jobs.job_id, jobs.payload
-    ), attempt_rows AS (
-        INSERT INTO job_attempts (job_id, attempt, node_id, started_at, lease_token)
-        SELECT c.job_id, c.attempt, :node, :now, c.token FROM chosen AS c
-    ), node_use AS (
-        -- The node's CHECK refuses use above capacity: the database itself never oversubscribes.
-        UPDATE nodes SET cpu_used = cpu_used + (SELECT coalesce(sum(cpu_units), 0) FROM chosen),
-                         memory_used = memory_used + (SELECT coalesce(sum(memory_mb), 0) FROM chosen)
-        WHERE node_id = :node
-    ), logged AS (
-        {LOG_INSERT_SQL}
-        WHERE l.job_id IN (SELECT job_id FROM chosen)
-    ), announced AS (
-        SELECT pg_notify(:channel, n.payload)
-        FROM unnest(CAST(:notice_jobs AS text[]), CAST(:notice_payloads AS text[])) AS n(job_id, payload)
-        WHERE n.job_id IN (SELECT job_id FROM chosen)
+        """
+    SELECT started_payloads AS payloads, announcements AS announced FROM start_attempts(
+        CAST(:ids AS text[]), CAST(:tokens AS uuid[]), CAST(:numbers AS integer[]), CAST(:cpu AS integer[]),
+        CAST(:memory AS integer[]), CAST(:now AS timestamptz), CAST(:node AS text), CAST(:lease_until AS timestamptz),
+        CAST(:log_jobs AS text[]), CAST(:log_attempts AS integer[]), CAST(:log_levels AS text[]),
+        CAST(:log_events AS text[]), CAST(:log_messages AS text[]), CAST(:log_data AS text[]),
+        CAST(:channel AS text), CAST(:notice_jobs AS text[]), CAST(:notice_payloads AS text[])
     )
-    SELECT (SELECT json_object_agg(job_id, payload) FROM started) AS payloads,
-           (SELECT count(*) FROM announced) AS announced
     """
     )
 )
 
 
 async def claim(
-    conn: AsyncConnection,
+    conn: driver.Executor,
     node_id: str,
     clock: Callable[[], datetime],
     policy: PolicyConfig,
@@ -213,7 +174,7 @@ async def claim(
 
 
 async def _start(
-    conn: AsyncConnection,
+    conn: driver.Executor,
     node_id: str,
     starts: list[Start],
     window: dict[str, Any],

@@ -30,7 +30,7 @@ from queue_service.core.policy import PolicyConfig, sort_key
 from queue_service.core.validation import check_schedulable, is_valid_job_id, standard_json
 from queue_service.db import driver, tables
 from queue_service.db.attempts import JobNotFound
-from queue_service.db.engine import autocommit, is_retryable, translate_errors
+from queue_service.db.engine import is_retryable, translate_errors
 from queue_service.db.errors import IdempotencyKeyConflict, JobIdConflict
 from queue_service.db.events import (
     CHANNEL,
@@ -81,11 +81,14 @@ class _LostRace(Exception):
 
 
 # ----------------------------------------------------------------------------- submission
-async def live_capacities(conn: AsyncConnection) -> list[Resources]:
+_LIVE_CAPACITIES_SQL: Final = driver.Statement(
+    sa.text("SELECT DISTINCT cpu_capacity, memory_capacity FROM nodes WHERE status = 'active'")
+)
+
+
+async def live_capacities(conn: driver.Executor) -> list[Resources]:
     """The distinct capacities of active nodes: a job is schedulable if it fits one of them."""
-    rows = await conn.execute(
-        sa.text("SELECT DISTINCT cpu_capacity, memory_capacity FROM nodes WHERE status = 'active'")
-    )
+    rows = await driver.fetch(conn, _LIVE_CAPACITIES_SQL, {})
     return [Resources(r.cpu_capacity, r.memory_capacity) for r in rows]
 
 
@@ -98,14 +101,14 @@ async def submit_request(
     request_hashes: Sequence[str],
     clock: Callable[[], datetime],
     policy: PolicyConfig,
-    capacities: Callable[[AsyncConnection], Awaitable[Sequence[Resources]]],
+    capacities: Callable[[driver.Executor], Awaitable[Sequence[Resources]]],
 ) -> list[Submitted]:
     """One request's jobs, in transactions of their own: what POST /jobs and POST
     /jobs/batch run. A lone job depending on nothing is one statement (`submit_alone`);
     a stored id or key makes it write nothing, and `submit` then tells a replay from a
     conflict. `capacities` reads the live nodes' (or the default) on the connection used."""
     if can_submit_alone(specs):
-        async with autocommit(engine) as conn:
+        async with driver.pooled(engine) as conn:
             alone = await submit_alone(conn, specs[0], request_hashes[0], clock(), policy, await capacities(conn))
         if alone is not None:
             return [alone]
@@ -417,7 +420,7 @@ def can_submit_alone(specs: Sequence[JobSpec]) -> bool:
 
 
 async def submit_alone(
-    conn: AsyncConnection,
+    conn: driver.Executor,
     spec: JobSpec,
     digest: str,
     now: datetime,
@@ -602,7 +605,7 @@ _PUBLIC_COLUMNS: Final = (
 )
 
 
-async def get_job(conn: AsyncConnection, job_id: str) -> dict[str, Any]:
+async def get_job(conn: driver.Executor, job_id: str) -> dict[str, Any]:
     """The full public job; JobNotFound if there is none."""
     found = await _public_many(conn, [job_id]) if is_valid_job_id(job_id) else {}
     if job_id not in found:
@@ -715,13 +718,13 @@ PUBLIC_BY_ID_SQL: Final = driver.Statement(
 )
 
 
-async def _public_many(conn: AsyncConnection, job_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+async def _public_many(conn: driver.Executor, job_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
     ids = list(dict.fromkeys(job_ids))
     rows = await driver.fetch(conn, PUBLIC_BY_ID_SQL, {"ids": ids})
     return {job["job_id"]: job for job in await _public_rows(conn, rows)}
 
 
-async def _public_rows(conn: AsyncConnection, rows: Sequence[Any]) -> list[dict[str, Any]]:
+async def _public_rows(conn: driver.Executor, rows: Sequence[Any]) -> list[dict[str, Any]]:
     """Rows (of _PUBLIC_COLUMNS) as public jobs, with the queue positions of the ready ones."""
     if not rows:
         return []
@@ -815,7 +818,7 @@ def positions_parameters(ready: Sequence[Any]) -> dict[str, list[Any]]:
     }
 
 
-async def queue_positions(conn: AsyncConnection, ready: Sequence[Any]) -> dict[str, int]:
+async def queue_positions(conn: driver.Executor, ready: Sequence[Any]) -> dict[str, int]:
     """How many ready jobs come before each one in queue order (sort_key, job_id).
 
     Bounded work however long the queue: a few dozen bucket rows and the ready jobs

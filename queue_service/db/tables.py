@@ -484,6 +484,79 @@ BEGIN
 END
 $$
 """
+# A claim's start: the planned jobs to running, their attempt rows, the node's use,
+# the log and the announcements, from arrays. One generic plan per session where the
+# statement sent as such was planned afresh at every execution (half its cost for the
+# one job an idle node starts); a generic plan is made from whatever statistics there
+# were, so only key lookups and nested loops are allowed (migration 0006 tells why).
+START_ATTEMPTS_FUNCTION: Final = """
+CREATE FUNCTION start_attempts(
+    ids text[], tokens uuid[], numbers integer[], cpu integer[], memory integer[], at timestamptz,
+    node text, lease_until timestamptz, log_jobs text[], log_attempts integer[], log_levels text[],
+    log_events text[], log_messages text[], log_data text[], channel text, notice_jobs text[],
+    notice_payloads text[]
+)
+RETURNS TABLE (started_payloads json, announcements bigint)
+LANGUAGE plpgsql VOLATILE
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
+SET plan_cache_mode = force_generic_plan
+SET jit = off
+AS $$
+BEGIN
+    RETURN QUERY
+    WITH planned AS (
+        SELECT * FROM unnest(ids, tokens, numbers, cpu, memory) AS p(job_id, token, attempt, cpu_units, memory_mb)
+    ), active AS (
+        -- The node still active and dispatch not paused since the read: else nothing starts.
+        SELECT n.node_id FROM nodes AS n
+        WHERE n.node_id = node AND n.status = 'active' AND NOT (SELECT d.paused FROM dispatch_control AS d)
+    ), locked AS (
+        -- In id order, as everything else locks jobs. Still ready with the attempts the
+        -- window saw (so no attempt number is taken twice), and not being taken by another node.
+        SELECT j.job_id
+        FROM (SELECT * FROM planned ORDER BY planned.job_id) AS p
+        CROSS JOIN LATERAL (
+            SELECT jobs.job_id FROM jobs
+            WHERE jobs.job_id = p.job_id AND (jobs.status = 'ready') IS TRUE AND jobs.attempts = p.attempt - 1
+            FOR UPDATE SKIP LOCKED
+        ) AS j
+        WHERE EXISTS (SELECT FROM active)
+    ), chosen AS (
+        SELECT planned.* FROM planned JOIN locked ON locked.job_id = planned.job_id
+    ), started AS (
+        UPDATE jobs SET status = 'running', attempts = c.attempt, started_at = at, worker_id = node,
+                        lease_token = c.token, lease_expires_at = lease_until, updated_at = at
+        FROM chosen AS c
+        WHERE jobs.job_id = c.job_id
+        RETURNING jobs.job_id, jobs.payload
+    ), attempt_rows AS (
+        INSERT INTO job_attempts (job_id, attempt, node_id, started_at, lease_token)
+        SELECT c.job_id, c.attempt, node, at, c.token FROM chosen AS c
+    ), node_use AS (
+        -- The node's CHECK refuses use above capacity: the database itself never oversubscribes.
+        UPDATE nodes SET cpu_used = cpu_used + (SELECT coalesce(sum(c.cpu_units), 0) FROM chosen AS c),
+                         memory_used = memory_used + (SELECT coalesce(sum(c.memory_mb), 0) FROM chosen AS c)
+        WHERE nodes.node_id = node
+    ), logged AS (
+        INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
+        SELECT l.job_id, at, l.attempt, l.level, l.event, l.message, CAST(l.data AS jsonb)
+        FROM unnest(log_jobs, log_attempts, log_levels, log_events, log_messages, log_data)
+            AS l(job_id, attempt, level, event, message, data)
+        WHERE l.job_id IN (SELECT c.job_id FROM chosen AS c)
+    ), announced AS (
+        SELECT pg_notify(channel, n.payload)
+        FROM unnest(notice_jobs, notice_payloads) AS n(job_id, payload)
+        WHERE n.job_id IN (SELECT c.job_id FROM chosen AS c)
+    )
+    SELECT (SELECT json_object_agg(s.job_id, s.payload) FROM started AS s),
+           (SELECT count(*) FROM announced);
+END
+$$
+
+"""
 QUEUE_RANK_TRIGGERS: Final = (
     "CREATE TRIGGER jobs_rank_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows"
     " FOR EACH STATEMENT EXECUTE FUNCTION queue_rank_apply()",
@@ -494,6 +567,8 @@ QUEUE_RANK_TRIGGERS: Final = (
     "CREATE TRIGGER jobs_rank_truncate AFTER TRUNCATE ON jobs FOR EACH STATEMENT EXECUTE FUNCTION queue_rank_apply()",
 )
 QUEUE_RANK_DROPS: Final = (
+    "DROP FUNCTION IF EXISTS start_attempts(text[], uuid[], integer[], integer[], integer[], timestamptz, text,"
+    " timestamptz, text[], integer[], text[], text[], text[], text[], text, text[], text[])",
     "DROP FUNCTION IF EXISTS ready_window(integer)",
     "DROP FUNCTION IF EXISTS queue_position(float8, text, smallint[], bigint[], bigint[])",
     "DROP FUNCTION IF EXISTS queue_rank_compact()",
@@ -522,6 +597,7 @@ sa.event.listen(
             *QUEUE_RANK_FUNCTIONS,
             *QUEUE_RANK_TRIGGERS,
             READY_WINDOW_FUNCTION,
+            START_ATTEMPTS_FUNCTION,
         )
     ),
 )

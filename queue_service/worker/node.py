@@ -20,13 +20,12 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from queue_service.core.model import AttemptOutcome
 from queue_service.core.policy import RunningJob, first_read
 from queue_service.db import attempts, driver
 from queue_service.db.attempts import AttemptEnd, Claim
-from queue_service.db.engine import autocommit
 from queue_service.db.events import CANCEL_ATTEMPT, DISPATCH_RESUMED, JOB_UPDATED, WAKE_DISPATCH
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings
@@ -254,11 +253,11 @@ class WorkerNode:
         """Claim for what is free and run what the claim started."""
         async with self._claiming:
             started = time.monotonic()
-            async with autocommit(self.engine) as conn:
+            async with driver.pooled(self.engine) as conn:
                 claims = await self._claim(conn)
             self._launch(claims, time.monotonic() - started)
 
-    async def _claim(self, conn: AsyncConnection, ending: Collection[str] = ()) -> list[Claim] | None:
+    async def _claim(self, conn: driver.Executor, ending: Collection[str] = ()) -> list[Claim] | None:
         """`attempts.claim` for this node, reading first as many candidates as
         core.first_read gives for what runs here, but for the attempts whose ends the
         claim's transaction writes. The caller holds the claim lock."""

@@ -9,6 +9,7 @@ built for it and contain no sequential scan.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -142,6 +143,22 @@ async def explain(url: str, query: str) -> str:
     return "\n".join(row[0] for row in rows)
 
 
+async def submit_burst(url: str, numbers: range) -> None:
+    """Jobs `burst_<number>` (five digits), as a burst arrives: batches of 1000 through
+    the submission path, payload, log rows and all."""
+    engine = create_async_engine(normalize_database_url(url), poolclass=NullPool)
+    try:
+        for first in range(numbers.start, numbers.stop, 1000):
+            ids = [f"burst_{i:05}" for i in range(first, min(first + 1000, numbers.stop))]
+            specs = [parse_job_spec({"type": "noop"}, default_job_id=job_id) for job_id in ids]
+            async with engine.begin() as conn:
+                await jobs.submit(
+                    conn, specs, ["h"] * len(specs), datetime.now(UTC), PolicyConfig(), [Resources(8, 4096)]
+                )
+    finally:
+        await engine.dispose()
+
+
 async def test_the_data_is_a_realistic_mix(populated_url: str) -> None:
     connection = await asyncpg.connect(asyncpg_dsn(populated_url))
     try:
@@ -172,19 +189,7 @@ async def test_a_claim_reads_the_window_in_index_order_before_any_statistics(
     await migrate.upgrade(url)
     connection = await asyncpg.connect(asyncpg_dsn(url))
     try:
-        # As a burst arrives: batches through the submission path, payload, log rows and all.
-        engine = create_async_engine(normalize_database_url(url), poolclass=NullPool)
-        try:
-            for first in range(0, 5000, 1000):
-                specs = [
-                    parse_job_spec({"type": "noop"}, default_job_id=f"burst_{i}") for i in range(first, first + 1000)
-                ]
-                async with engine.begin() as conn:
-                    await jobs.submit(
-                        conn, specs, ["h"] * len(specs), datetime.now(UTC), PolicyConfig(), [Resources(8, 4096)]
-                    )
-        finally:
-            await engine.dispose()
+        await submit_burst(url, range(5000))
         plain = (
             "SELECT job_id, type, priority, attempts, sort_key, cpu_units, memory_mb, timeout_seconds, ready_at"
             " FROM jobs WHERE status = 'ready' ORDER BY sort_key, job_id LIMIT 16"
@@ -282,3 +287,52 @@ async def test_recording_endings_locks_by_primary_key_past_a_drains_dead_entries
     assert "pk_jobs" in plan, plan
     assert "ix_jobs_status_created" not in plan, plan
     assert _buffers(plan) < 10 * len(running), plan  # a few pages per job, not the whole drain's entries
+
+
+async def test_starting_a_job_looks_it_up_by_key_whatever_the_statistics(
+    create_database: Callable[[], Coroutine[Any, Any, str]],
+) -> None:
+    """The start keeps one generic plan per connection (`start_attempts`), made from the
+    statistics of the moment: here those of a queue with nothing ready, analysed before
+    a burst of 10,000 jobs (the ready-queue index then looks empty, so reading all of it
+    looked as cheap as a key lookup). Starting one of them must still find it, and update it, by its key,
+    not by a scan of the table or of the ready-queue index."""
+    url = await create_database()
+    await migrate.upgrade(url)
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await submit_burst(url, range(1000))
+        # They ran: a queue with nothing ready, analysed so. Then the burst.
+        await connection.execute(
+            "UPDATE jobs SET status = 'completed', attempts = 1, finished_at = now(); ANALYZE jobs"
+        )
+        await submit_burst(url, range(1000, 11_000))
+        await connection.execute(
+            "INSERT INTO nodes (node_id, cpu_capacity, memory_capacity, cpu_used, memory_used, status, started_at,"
+            " heartbeat_at) VALUES ('n', 8, 4096, 0, 0, 'active', now(), now())"
+        )
+        start = (
+            "SELECT * FROM start_attempts(ARRAY[$1], ARRAY[gen_random_uuid()], ARRAY[1], ARRAY[1], ARRAY[1], now(),"
+            " 'n', now() + interval '30 seconds', '{}', '{}', '{}', '{}', '{}', '{}', 'jobs', '{}', '{}')"
+        )
+        started = await connection.fetchrow(start, "burst_05000")  # the plan is made here, then kept
+        # auto_explain reports the plan of the statement inside the function, sent to us as a log message.
+        plans: list[str] = []
+        connection.add_log_listener(lambda _conn, message: plans.append(message.message))
+        await connection.execute(
+            "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
+            " SET client_min_messages = log"
+        )
+        await connection.fetchrow(start, "burst_09999")
+        running = await connection.fetch("SELECT job_id, attempts FROM jobs WHERE status = 'running' ORDER BY job_id")
+    finally:
+        await connection.close()
+    assert started is not None
+    assert set(json.loads(started["started_payloads"])) == {"burst_05000"}  # json, as text
+    assert [(r["job_id"], r["attempts"]) for r in running] == [("burst_05000", 1), ("burst_09999", 1)]
+    [plan] = [message for message in plans if "WITH planned" in message]
+    assert "Index Scan using pk_jobs on jobs" in plan, plan  # the lock, and the update
+    assert "Seq Scan on jobs" not in plan, plan
+    assert "ix_jobs_ready_queue" not in plan, plan  # it holds ids after sort keys: a scan of all of it
+    assert "Hash Join" not in plan, plan
+    assert "Merge Join" not in plan, plan

@@ -12,7 +12,6 @@ from typing import Annotated, Any, Final
 
 import orjson
 from fastapi import APIRouter, Header, Query, Request, Response
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from queue_service.api import submission
 from queue_service.api.deps import RuntimeDep
@@ -22,7 +21,7 @@ from queue_service.core.aging import aging
 from queue_service.core.model import JobSpec, JobStatus, Priority, Resources
 from queue_service.core.policy import PolicyConfig
 from queue_service.core.validation import is_valid_job_id
-from queue_service.db import attempts, jobs
+from queue_service.db import attempts, driver, jobs
 from queue_service.db.engine import autocommit
 from queue_service.db.events import iso_z
 from queue_service.runtime import Runtime
@@ -55,7 +54,7 @@ def _now() -> datetime:
 async def _submit(runtime: Runtime, specs: list[JobSpec], hashes: list[str]) -> list[jobs.Submitted]:
     settings = runtime.settings
 
-    async def capacities(conn: AsyncConnection) -> list[Resources]:
+    async def capacities(conn: driver.Executor) -> list[Resources]:
         # With no live node, the configured node size is the yardstick (SPEC §3).
         return await runtime.capacities.get(conn) or [settings.node_capacity()]
 
@@ -142,7 +141,7 @@ def _aware(at: datetime | None) -> datetime | None:
 
 @router.get("/{job_id}", response_model=JobDetail, summary="Get a job", responses=_NOT_FOUND)
 async def get_job(job_id: str, runtime: RuntimeDep) -> dict[str, Any]:
-    async with autocommit(runtime.engine) as conn:
+    async with driver.pooled(runtime.engine) as conn:
         job = await jobs.get_job(conn, job_id)
     return with_aging(job, runtime.settings.policy_config(), _now())
 

@@ -57,6 +57,10 @@ HOT_PATHS = {
         "ix_jobs_lease_expiry",
     ),
     "get a job (the statement GET /jobs/{id} runs)": (
+        jobs.PUBLIC_ONE_SQL.sql.replace("$1::VARCHAR", "'job_42'"),
+        "pk_jobs",
+    ),
+    "get jobs by id (a batch's replays)": (
         jobs.PUBLIC_BY_ID_SQL.sql.replace("$1::TEXT[]", "ARRAY['job_42', 'job_43']"),
         "pk_jobs",
     ),

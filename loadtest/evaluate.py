@@ -169,7 +169,18 @@ def peers_section(results: dict[str, Any] | None) -> list[str]:
         "",
         tables(list(peers), {name: peer["summary"] for name, peer in peers.items()}, results["jobs"], results["runs"]),
         "",
+        *_peer_notes(peers),
     ]
+
+
+def _peer_notes(peers: dict[str, Any]) -> list[str]:
+    """What the runs noted about a peer (a measure it does not offer, how it acknowledges)."""
+    lines = [
+        f"- {peer['name']}: {note}"
+        for peer in peers.values()
+        for note in dict.fromkeys(note for run in peer["runs"] for note in run["notes"])
+    ]
+    return [*lines, ""] if lines else []
 
 
 def locust_section(results: dict[str, Any] | None) -> list[str]:

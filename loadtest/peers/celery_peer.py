@@ -65,13 +65,23 @@ def _pop_stamp(client: redis.Redis, key: str, timeout: float) -> float:
     return float(popped[1])
 
 
+def _durability(client: redis.Redis) -> str:
+    """What an acknowledged enqueue means on this broker, read from its configuration:
+    the PostgreSQL queues acknowledge after their commit is flushed to disk."""
+    appendonly = client.config_get("appendonly").get("appendonly")
+    if appendonly != "yes":
+        return "the broker (Redis) runs with appendonly no: an enqueue is acknowledged from memory, on no disk"
+    fsync = client.config_get("appendfsync").get("appendfsync")
+    return f"the broker (Redis) runs with appendonly yes, appendfsync {fsync}"
+
+
 def _measure(jobs: int, samples: int) -> RunResult:
     run = uuid.uuid4().hex[:8]
     queue, idle_queue, key = f"bench-{run}", f"bench-idle-{run}", f"bench-stamps-{run}"
     node = f"bench-{run}@{socket.gethostname()}"
     # redis-py's default 5 s socket timeout would cut a long blocking pop short.
     client = redis.Redis.from_url(BROKER, socket_timeout=DRAIN_TIMEOUT_SECONDS + START_TIMEOUT_SECONDS)
-    result = RunResult(notes=["no batch enqueue API"])
+    result = RunResult(notes=["no batch enqueue API", _durability(client)])
     worker = _start_worker(node, idle_queue)
     try:
         _wait_ready(node)

@@ -106,6 +106,9 @@ async def _measure_beside_folding(
     # The API reads live capacities through a one-second cache; with no node yet, the default.
     async with engine.begin() as conn:
         capacities = await jobs.live_capacities(conn) or [settings.node_capacity()]
+        synchronous_commit = (await conn.execute(sa.text("SHOW synchronous_commit"))).scalar_one()
+    # What an acknowledged enqueue means here, beside a broker that may answer from memory.
+    result.notes.append(f"an enqueue is acknowledged after its commit (synchronous_commit {synchronous_commit})")
     one = {"type": JOB_TYPE}
 
     async def one_by_one() -> None:

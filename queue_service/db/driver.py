@@ -26,7 +26,6 @@ import asyncpg
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.util import greenlet_spawn
@@ -101,7 +100,7 @@ async def pooled(engine: AsyncEngine) -> AsyncIterator[Pooled]:
         await greenlet_spawn(proxied.close)
 
 
-def _asyncpg_of(connection: DBAPIConnection | Any) -> asyncpg.Connection:
+def _asyncpg_of(connection: object) -> asyncpg.Connection:
     assert isinstance(connection, asyncpg.Connection), "the engine must use the asyncpg driver"
     return connection
 
@@ -177,8 +176,7 @@ async def _in_units_of_work(conn: Executor) -> asyncpg.Connection:
     if isinstance(conn, Pooled):
         return conn.raw
     proxied = await conn.get_raw_connection()
-    raw = proxied.driver_connection
-    assert isinstance(raw, asyncpg.Connection), "the engine must use the asyncpg driver"
+    raw = _asyncpg_of(proxied.driver_connection)
     if not raw.is_in_transaction() and not getattr(proxied.dbapi_connection, "autocommit", False):
         await conn.exec_driver_sql("SELECT 1")
     return raw

@@ -555,7 +555,6 @@ BEGIN
            (SELECT count(*) FROM announced);
 END
 $$
-
 """
 QUEUE_RANK_TRIGGERS: Final = (
     "CREATE TRIGGER jobs_rank_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows"

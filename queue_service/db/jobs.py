@@ -628,9 +628,40 @@ async def list_jobs(
     """Jobs newest first, keyset-paged on (created_at, job_id) so each page is an
     index range scan however deep it is. `created_after` is inclusive,
     `created_before` exclusive, so consecutive windows tile without overlap."""
-    query = sa.select(*_PUBLIC_COLUMNS)
-    if statuses:
-        query = query.where(_jobs.c.status.in_(list(statuses)))
+    query = list_query(
+        statuses=statuses,
+        job_type=job_type,
+        priority=priority,
+        created_after=created_after,
+        created_before=created_before,
+        limit=limit,
+        cursor=cursor,
+    )
+    return await _page(conn, (await conn.execute(query)).all(), "created_at", limit)
+
+
+def list_query(
+    *,
+    statuses: Sequence[str] = (),
+    job_type: str | None = None,
+    priority: str | None = None,
+    created_after: datetime | None = None,
+    created_before: datetime | None = None,
+    limit: int,
+    cursor: str | None = None,
+) -> sa.Select[Any]:
+    """The statement behind `list_jobs`: one more row than the page, newest first.
+
+    Filtered by status alone, each status is asked as a range (`status >= s AND
+    status <= s`) and ordered by it first. With `status = s` PostgreSQL drops the
+    status from the order, and for a status most rows have it then filters
+    ix_jobs_created, estimating a page is found among as many rows; but the newest
+    jobs are the ones not yet finished, so a page of completed jobs beside 10,000
+    ready ones read all 10,000 first. A range keeps the status in the order, which
+    only ix_jobs_status_created gives. Several statuses are one such branch each,
+    merged. With a type, ix_jobs_type_created serves it as before: the range would
+    make the planner sort every job of a rare type."""
+    query: sa.Select[Any] = sa.select(*_PUBLIC_COLUMNS)
     if job_type is not None:
         query = query.where(_jobs.c.type == job_type)
     if priority is not None:
@@ -639,7 +670,23 @@ async def list_jobs(
         query = query.where(_jobs.c.created_at >= created_after)
     if created_before is not None:
         query = query.where(_jobs.c.created_at < created_before)
-    return await _keyset_page(conn, query, (_jobs.c.created_at, _jobs.c.job_id), "created_at", limit, cursor)
+    order = (_jobs.c.created_at, _jobs.c.job_id)
+    query = _after_cursor(query, order, cursor)
+    newest_first = (_jobs.c.created_at.desc(), _jobs.c.job_id.desc())
+    if not statuses:
+        return query.order_by(*newest_first).limit(limit + 1)
+    if job_type is not None:
+        return query.where(_jobs.c.status.in_(list(statuses))).order_by(*newest_first).limit(limit + 1)
+    branches = [
+        query.where(_jobs.c.status >= status, _jobs.c.status <= status)
+        .order_by(_jobs.c.status, *newest_first)
+        .limit(limit + 1)
+        for status in dict.fromkeys(statuses)
+    ]
+    if len(branches) == 1:
+        return branches[0]
+    merged = sa.union_all(*branches).subquery("by_status")
+    return sa.select(merged).order_by(merged.c.created_at.desc(), merged.c.job_id.desc()).limit(limit + 1)
 
 
 async def dead_letter(conn: AsyncConnection, *, limit: int, cursor: str | None = None) -> Page:
@@ -682,10 +729,23 @@ async def _keyset_page(
     cursor: str | None,
 ) -> Page:
     """One page newest first on (timestamp, job_id); the cursor is the last row's pair."""
-    if cursor is not None:
-        at, last_id = decode_cursor(cursor)
-        query = query.where(sa.tuple_(*order) < sa.tuple_(sa.literal(at, order[0].type), sa.literal(last_id)))
+    query = _after_cursor(query, order, cursor)
     rows = (await conn.execute(query.order_by(order[0].desc(), order[1].desc()).limit(limit + 1))).all()
+    return await _page(conn, rows, time_field, limit)
+
+
+def _after_cursor(
+    query: sa.Select[Any], order: tuple[sa.ColumnElement[datetime], sa.ColumnElement[str]], cursor: str | None
+) -> sa.Select[Any]:
+    """Only the rows after the cursor's (timestamp, job_id), newest first."""
+    if cursor is None:
+        return query
+    at, last_id = decode_cursor(cursor)
+    return query.where(sa.tuple_(*order) < sa.tuple_(sa.literal(at, order[0].type), sa.literal(last_id)))
+
+
+async def _page(conn: AsyncConnection, rows: Sequence[Any], time_field: str, limit: int) -> Page:
+    """A page from up to limit + 1 rows newest first; the next cursor when there were more."""
     more = len(rows) > limit
     rows = rows[:limit]
     items = await _public_rows(conn, rows)

@@ -79,6 +79,32 @@ async def test_filters_combine(api: Api, seed: Any) -> None:
     assert await ids(type="no_such_type") == set()
 
 
+@pytest.mark.parametrize("statuses", [["ready"], ["completed", "failed", "ready"]])
+async def test_a_status_filter_pages_newest_first_as_the_unfiltered_list_does(
+    api: Api, seed: Any, statuses: list[str]
+) -> None:
+    """Each status is read on its own (see jobs.list_query) and several are merged: the
+    pages still run newest first across them, ties broken by job id, each job once."""
+    async with api.engine.begin() as conn:
+        await seed(conn, 200)
+    await api.client.post("/jobs/batch", json=[job(job_id=f"same_instant_{i:02d}") for i in range(20)])
+    async with api.engine.connect() as conn:
+        expected = [
+            row.job_id
+            for row in await conn.execute(
+                sa.text(
+                    "SELECT job_id FROM jobs WHERE status = ANY(CAST(:statuses AS text[]))"
+                    " ORDER BY created_at DESC, job_id DESC"
+                ),
+                {"statuses": statuses},
+            )
+        ]
+    assert len(expected) > 20  # the same-instant batch and more: ties and several pages
+    ids, pages = await all_pages(api, "/jobs", limit=7, status=statuses)
+    assert ids == expected
+    assert pages == -(-len(expected) // 7)
+
+
 @pytest.mark.parametrize(
     "params",
     [

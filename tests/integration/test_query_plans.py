@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -72,10 +73,10 @@ HOT_PATHS = {
         f"SELECT * FROM jobs WHERE (created_at, job_id) < {CURSOR} ORDER BY created_at DESC, job_id DESC LIMIT 51",
         "ix_jobs_created",
     ),
-    # A rare status; for a common one the planner rightly filters ix_jobs_created instead.
+    # A common status, asked as jobs.list_query asks it (a range, the status first in the order).
     "list by status": (
-        f"SELECT * FROM jobs WHERE status = 'cancelled' AND (created_at, job_id) < {CURSOR}"
-        " ORDER BY created_at DESC, job_id DESC LIMIT 51",
+        f"SELECT * FROM jobs WHERE status >= 'completed' AND status <= 'completed' AND (created_at, job_id) < {CURSOR}"
+        " ORDER BY status, created_at DESC, job_id DESC LIMIT 51",
         "ix_jobs_status_created",
     ),
     # A rare type, where filtering ix_jobs_created would read most of it to fill a page.
@@ -207,6 +208,72 @@ async def test_a_claim_reads_the_window_in_index_order_before_any_statistics(
     assert "Bitmap" in trap  # the trap is real on this server: a stale plan sorts the whole queue
     # The function's own reads count in its scan's buffers: the first rows of the index, not the queue.
     assert _buffers(window) * 10 < _buffers(trap), (window, trap)
+
+
+async def test_a_page_of_a_common_status_reads_only_that_page_beside_newer_jobs(
+    create_database: Callable[[], Coroutine[Any, Any, str]],
+) -> None:
+    """30,000 old completed jobs and 3,000 newer ready ones, analysed: asked as
+    `status = 'completed'`, the planner filters ix_jobs_created and reads past every
+    newer job first. The lists the service sends read a page's worth (jobs.list_query)."""
+    url = await create_database()
+    await migrate.upgrade(url)
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    columns = (
+        "job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts, backoff_multiplier,"
+        " initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, request_hash, attempt_budget,"
+        " unfinished_deps, created_at, updated_at"
+    )
+    common = "'normal', {status}, '{{}}', 1, 1, 3, 2, 1, 60, 0, 30, 'h', 3, 0, {created}, now()"
+    try:
+        await connection.execute(
+            f"INSERT INTO jobs ({columns}, finished_at, attempts, counted_attempts)"
+            f" SELECT 'old_' || g, CASE WHEN g % 1000 = 7 THEN 'rare' ELSE 'email' END, "
+            + common.format(status="'completed'", created="timestamptz '2026-01-01' + g * interval '1 ms'")
+            + ", now(), 1, 1 FROM generate_series(1, 30000) AS g"
+        )
+        await connection.execute(
+            f"INSERT INTO jobs ({columns}, ready_at, sort_key) SELECT 'new_' || g, 'email', "
+            + common.format(status="'ready'", created="timestamptz '2026-02-01' + g * interval '1 ms'")
+            + ", now(), g FROM generate_series(1, 3000) AS g"
+        )
+        await connection.execute("VACUUM ANALYZE jobs")
+        cursor = jobs.encode_cursor(datetime(2026, 1, 1, 0, 0, 20, tzinfo=UTC), "old_20000")
+        lists = {
+            "completed": jobs.list_query(statuses=["completed"], limit=50),
+            "completed, next page": jobs.list_query(statuses=["completed"], limit=50, cursor=cursor),
+            "completed or failed": jobs.list_query(statuses=["completed", "failed"], limit=50),
+            "completed of a rare type": jobs.list_query(statuses=["completed"], job_type="rare", limit=50),
+        }
+        dialect = PGDialect()  # type: ignore[no-untyped-call]  # SQLAlchemy leaves it untyped
+        plans = {}
+        for name, query in lists.items():
+            sql = str(query.compile(dialect=dialect, compile_kwargs={"literal_binds": True}))
+            plans[name] = "\n".join(r[0] for r in await connection.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {sql}"))
+        equality = "SELECT * FROM jobs WHERE status = 'completed' ORDER BY created_at DESC, job_id DESC LIMIT 51"
+        trap = "\n".join(r[0] for r in await connection.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {equality}"))
+    finally:
+        await connection.close()
+    assert "Rows Removed by Filter: 3000" in trap, trap  # the trap is real on this server
+    rare = plans.pop("completed of a rare type")
+    for name, plan in plans.items():
+        assert "ix_jobs_status_created" in plan, (name, plan)
+        assert _jobs_scan_buffers(plan) * 5 < _jobs_scan_buffers(trap), (name, plan, trap)
+    # A type keeps its own index: it reads that type's jobs, none of the others.
+    assert "ix_jobs_type_created" in rare, rare
+    assert "Rows Removed by Filter" not in rare, rare
+
+
+def _jobs_scan_buffers(plan: str) -> int:
+    """Shared buffers the plan's index scan of jobs touched itself: less those of the
+    subplan under it that looks up each listed job's dependencies."""
+    scan = re.search(
+        r"Index (?:Only )?Scan using \w+ on jobs\b.*?Buffers: shared hit=(\d+)(?: read=(\d+))?", plan, re.S
+    )
+    assert scan is not None, plan
+    dependencies = re.search(r"SubPlan \d+.*?Buffers: shared hit=(\d+)(?: read=(\d+))?", plan[scan.end() :], re.S)
+    subplan = int(dependencies[1]) + int(dependencies[2] or 0) if dependencies else 0
+    return int(scan[1]) + int(scan[2] or 0) - subplan
 
 
 def _buffers(plan: str) -> int:

@@ -11,7 +11,7 @@ repository functions the API and worker call, each inside a transaction that is
 rolled back (so every repetition sees the same rows; commit cost excluded):
 
 - claim window: the worker's candidate SELECT (K=256, FOR UPDATE SKIP LOCKED);
-- claim: `attempts.claim` in full (window, `core.plan()`, starts, logs);
+- claim: `attempts.claim_round` in full (window, `core.plan()`, starts, logs);
 - get: `jobs.get_job` of a completed job;
 - position front / back: `jobs.get_job` of the first / last ready job in queue order
   (the public read that computes `position_in_queue`);
@@ -231,7 +231,7 @@ def operations(fixture: Fixture, settings: Settings) -> dict[str, Operation]:
         return (await conn.execute(sa.text(CLAIM_WINDOW_SQL), {"window": policy.candidate_window})).all()
 
     async def claim(conn: AsyncConnection) -> object:
-        return await attempts.claim(conn, NODE, now, policy, settings.lease_seconds)
+        return (await attempts.claim_round(conn, NODE, now, policy, settings.lease_seconds)).claims
 
     async def complete(conn: AsyncConnection) -> object:
         ending = Ending(fixture.parent, fixture.lease, AttemptEnd(AttemptOutcome.SUCCEEDED, result=None))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -61,6 +61,34 @@ class Claim:
     resources: Resources
     backfilled: bool
     ready_at: datetime  # when it entered the queue this time: its wait ends now
+    started_at: datetime
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A ready job as a claim plans and starts it: a row of the window `ready_window`
+    reads, or what a submission announced of a job it queued (see events.StatusChange)."""
+
+    job_id: str
+    type: str
+    priority: str
+    attempts: int
+    sort_key: float
+    cpu_units: int
+    memory_mb: int
+    timeout_seconds: float
+    ready_at: datetime
+
+
+@dataclass(frozen=True)
+class ClaimRound:
+    """What a claim started (None: dispatch is paused), and the window it planned
+    over; `whole_queue` when that window held every ready job (it read fewer than it
+    asked for)."""
+
+    claims: list[Claim] | None
+    window: Sequence[Any]  # rows with Queued's fields
+    whole_queue: bool
 
 
 async def is_paused(conn: AsyncConnection) -> bool:
@@ -125,7 +153,7 @@ _START_SQL = driver.Statement(
 )
 
 
-async def claim(
+async def claim_round(
     conn: driver.Executor,
     node_id: str,
     clock: Callable[[], datetime],
@@ -133,10 +161,10 @@ async def claim(
     lease_seconds: float,
     *,
     first_window: int | None = None,
-) -> list[Claim] | None:
+) -> ClaimRound:
     """Read the node and the first ready jobs, let core.plan() choose, and start what it
-    chose: two statements, which need no transaction around them. None when dispatch is
-    paused: nothing starts anywhere until it is resumed.
+    chose: two statements, which need no transaction around them. Its claims are None
+    when dispatch is paused: nothing starts anywhere until it is resumed.
 
     The caller serialises the claims of one node (two at once would plan the same free
     capacity; the node's CHECK would refuse the second's starts). `first_window` is how
@@ -149,12 +177,12 @@ async def claim(
     asked = first_read(ZERO, [], policy) if first_window is None else first_window  # nothing known: the fewest
     rows = await driver.fetch(conn, _READ_SQL, {"node": node_id, "window": asked})
     if not rows:
-        return []
+        return ClaimRound([], [], False)
     node = rows[0]
     if node.paused:
-        return None
+        return ClaimRound(None, [], False)
     if node.status != "active":
-        return []
+        return ClaimRound([], [], False)
     now = clock()
     running = [RunningJob(job_id, Resources(cpu, memory), end) for job_id, cpu, memory, end in node.running]
     capacity = Resources(node.cpu_capacity, node.memory_capacity)
@@ -168,24 +196,29 @@ async def claim(
             break
         asked = policy.candidate_window
         window = await driver.fetch(conn, _WINDOW_SQL, {"window": asked})
-    if not starts:
-        return []
-    return await _start(conn, node_id, starts, {r.job_id: r for r in window}, now, lease_seconds)
+    claims = await start_planned(conn, node_id, starts, {r.job_id: r for r in window}, now, lease_seconds)
+    return ClaimRound(claims, window, len(window) < asked)
 
 
-async def _start(
+async def start_planned(
     conn: driver.Executor,
     node_id: str,
     starts: list[Start],
-    window: dict[str, Any],
+    queued: Mapping[str, Any],
     now: datetime,
     lease_seconds: float,
 ) -> list[Claim]:
+    """Start what core.plan() chose among `queued` (Queued, or rows with its fields)
+    on this node, in one statement: a job only if it is still ready with the attempts
+    `queued` gives, and only while the node is active and dispatch is not paused (else
+    it is not among the claims). The node's CHECK refuses use beyond its capacity."""
+    if not starts:
+        return []
     tokens = {s.job_id: uuid.uuid4() for s in starts}
-    numbers = {s.job_id: window[s.job_id].attempts + 1 for s in starts}  # _START_SQL starts it only if still so
+    numbers = {s.job_id: queued[s.job_id].attempts + 1 for s in starts}  # _START_SQL starts it only if still so
     entries, changes = [], []
     for start in starts:
-        row, attempt = window[start.job_id], numbers[start.job_id]
+        row, attempt = queued[start.job_id], numbers[start.job_id]
         how = f"backfilled past {start.passed.job_id}" if start.passed else "in queue order"
         data = {"node": node_id, "cpu_units": row.cpu_units, "memory_mb": row.memory_mb, "backfill": start.backfilled}
         entries.append(LogEntry(row.job_id, "dispatched", f"to {node_id} ({how})", now, attempt, data=data))
@@ -213,15 +246,16 @@ async def _start(
     return [
         Claim(
             start.job_id,
-            window[start.job_id].type,
-            window[start.job_id].priority,
+            queued[start.job_id].type,
+            queued[start.job_id].priority,
             started[start.job_id],
             numbers[start.job_id],
             tokens[start.job_id],
-            window[start.job_id].timeout_seconds,
+            queued[start.job_id].timeout_seconds,
             start.resources,
             start.backfilled,
-            window[start.job_id].ready_at,
+            queued[start.job_id].ready_at,
+            now,
         )
         for start in starts
         if start.job_id in started

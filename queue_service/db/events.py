@@ -25,6 +25,11 @@ WAKE_DISPATCH: Final = "dispatch.wake"
 DISPATCH_RESUMED: Final = "dispatch.resumed"  # a node that found dispatch paused claims again at once
 CANCEL_ATTEMPT: Final = "attempt.cancel"
 JOB_UPDATED: Final = "job.updated"
+# On a job.updated to ready, where the writer has them at hand: what a node plans and
+# starts the job with (Queued's fields but those the event carries), so an idle node
+# that knows the whole ready queue can start it without reading it first. Internal:
+# the WebSocket stream leaves it out (SPEC §8 fixes the event's fields).
+QUEUE_ENTRY: Final = "queue"
 
 
 def compact_json(document: Mapping[str, Any]) -> str:
@@ -106,9 +111,10 @@ class StatusChange:
     previous_status: str | None
     attempt: int
     at: datetime
+    queued: Mapping[str, Any] | None = None  # QUEUE_ENTRY, for a job now ready
 
     def payload(self) -> dict[str, Any]:
-        return {
+        message: dict[str, Any] = {
             "event": JOB_UPDATED,
             "job_id": self.job_id,
             "type": self.type,
@@ -118,6 +124,22 @@ class StatusChange:
             "attempt": self.attempt,
             "at": iso_z(self.at),
         }
+        if self.queued is not None:
+            message[QUEUE_ENTRY] = self.queued
+        return message
+
+
+def queue_entry(
+    sort_key: float, cpu_units: int, memory_mb: int, timeout_seconds: float, attempts: int
+) -> dict[str, Any]:
+    """The QUEUE_ENTRY of a job that is now ready."""
+    return {
+        "sort_key": sort_key,
+        "cpu_units": cpu_units,
+        "memory_mb": memory_mb,
+        "timeout_seconds": timeout_seconds,
+        "attempts": attempts,
+    }
 
 
 async def announce(conn: AsyncConnection, messages: Sequence[Mapping[str, Any]]) -> None:

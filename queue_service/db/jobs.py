@@ -39,6 +39,7 @@ from queue_service.db.events import (
     StatusChange,
     compact_json,
     iso_z,
+    queue_entry,
 )
 from queue_service.db.lifecycle import epoch
 
@@ -246,7 +247,7 @@ async def _create(
     rows = [_job_row(spec, digest, unfinished[spec.job_id], now, policy) for spec, digest in new]
     entries = [entry for spec in specs for entry in _first_entries(spec, statuses, new_ids, now)]
     changes = [
-        StatusChange(s.job_id, s.type, s.priority.value, row["status"], None, 0, now)
+        StatusChange(s.job_id, s.type, s.priority.value, row["status"], None, 0, now, _queue_entry(row))
         for s, row in zip(specs, rows, strict=True)
     ]
     notices: list[tuple[str | None, Mapping[str, Any]]] = [(c.job_id, c.payload()) for c in changes]
@@ -439,7 +440,7 @@ async def submit_alone(
         check_schedulable(spec, max(capacities))  # raises
     row = _job_row(spec, digest, 0, now, policy)
     entries = _first_entries(spec, {}, {spec.job_id}, now)
-    change = StatusChange(spec.job_id, spec.type, spec.priority.value, row["status"], None, 0, now)
+    change = StatusChange(spec.job_id, spec.type, spec.priority.value, row["status"], None, 0, now, _queue_entry(row))
     ranges = [*bucket_ranges(row["sort_key"]), own_second(row["sort_key"])]
     with translate_errors():
         result = await driver.one(
@@ -470,6 +471,13 @@ async def submit_alone(
         "position_in_queue": int(result.position),
     }
     return Submitted(answer, True)
+
+
+def _queue_entry(row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What an idle node needs to start a job this submission queues (events.QUEUE_ENTRY)."""
+    if row["status"] != JobStatus.READY.value:
+        return None
+    return queue_entry(row["sort_key"], row["cpu_units"], row["memory_mb"], row["timeout_seconds"], 0)
 
 
 # Columns of _INSERTED_COLUMNS that _INSERT_ALONE_SQL writes as constants.

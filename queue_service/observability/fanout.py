@@ -20,7 +20,7 @@ from typing import Any, Final
 from queue_service.core import constants as c
 from queue_service.core.model import JobStatus
 from queue_service.core.validation import is_valid_job_id
-from queue_service.db.events import JOB_UPDATED
+from queue_service.db.events import JOB_UPDATED, QUEUE_ENTRY
 from queue_service.db.listener import EventListener
 
 MAX_JOB_ID_FILTERS: Final = 1000  # a filter list longer than this is a mistake, not a use
@@ -127,7 +127,9 @@ class EventHub:
         frame: str | None = None  # encoded once, and only if some client wants it
         for client in self._clients:
             if client.filter.matches(message):
-                frame = frame or json.dumps(message, separators=(",", ":"))
+                frame = frame or json.dumps(
+                    {key: value for key, value in message.items() if key != QUEUE_ENTRY}, separators=(",", ":")
+                )
                 if not client.offer(frame) and client.overrun and not client.closing:
                     client.closing = True  # counted once; the sender closes the socket
                     self.clients_dropped += 1

@@ -22,15 +22,17 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from queue_service.core.model import AttemptOutcome
-from queue_service.core.policy import RunningJob, first_read
+from queue_service.core.model import AttemptOutcome, Resources
+from queue_service.core.policy import Candidate, RunningJob, first_read, plan
 from queue_service.db import attempts, driver
 from queue_service.db.attempts import AttemptEnd, Claim
 from queue_service.db.events import CANCEL_ATTEMPT, DISPATCH_RESUMED, JOB_UPDATED, WAKE_DISPATCH
+from queue_service.db.lifecycle import epoch
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings
 from queue_service.timeouts import event_set_within, stop_tasks
 from queue_service.worker.handlers import HandlerRegistry, JobContext, PermanentError, default_registry
+from queue_service.worker.ready_view import ReadyView
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +116,15 @@ class WorkerNode:
         self.running: dict[str, RunningAttempt] = {}
         self._wake = asyncio.Event()
         # One claim at a time: the dispatch loop and the recorder both claim, and two
-        # claims at once would plan the same free capacity (see attempts.claim).
+        # claims at once would plan the same free capacity (see attempts.claim_round).
         self._claiming = asyncio.Lock()
         # Dispatch was paused at the last claim: submissions do not wake the loop (each
         # would be a claim transaction that finds it paused); a resume notice or the
         # poll interval does.
         self._dispatch_paused = False
+        # The whole ready queue, while announcements keep it known: an idle node then
+        # starts a submitted job without reading the queue first (see ready_view).
+        self._ready = ReadyView(self.policy.candidate_window)
         self._endings: asyncio.Queue[tuple[Claim, AttemptEnd, asyncio.Future[bool]]] = asyncio.Queue()
         self._retry_wake = asyncio.Event()  # a new retry may be due sooner than the one we sleep for
         self._stopping = False
@@ -210,6 +215,12 @@ class WorkerNode:
     # --------------------------------------------------------------- notifications
     def _on_event(self, message: dict[str, Any]) -> None:
         event = message.get("event")
+        if event == JOB_UPDATED:
+            self._ready.announced(message)
+        if event in (WAKE_DISPATCH, DISPATCH_RESUMED):
+            # "Go and look": a change the node was not told the details of (a batch, a
+            # reconnected listener that may have missed announcements, a resume).
+            self._ready.forget()
         if event == DISPATCH_RESUMED:
             self._dispatch_paused = False
             self._wake.set()
@@ -237,37 +248,84 @@ class WorkerNode:
     # -------------------------------------------------------------------- dispatch
     async def _dispatch_loop(self) -> None:
         while not self._stopping:
-            await event_set_within(self._wake, self.settings.poll_interval_seconds)
+            woken = await event_set_within(self._wake, self.settings.poll_interval_seconds)
             self._wake.clear()
             if self._stopping:
                 return
             if self._full():  # an ending attempt wakes us; claiming now could start nothing
                 continue
             try:
-                await self._claim_and_launch()
+                # A poll reads the queue whatever the node knows: it is the fallback for
+                # a change no announcement reached us of.
+                await self._claim_and_launch(read=not woken)
             except Exception:
                 log.exception("dispatch on %s failed; retrying", self.node_id)
                 await asyncio.sleep(self.settings.poll_interval_seconds)
 
-    async def _claim_and_launch(self) -> None:
-        """Claim for what is free and run what the claim started."""
+    async def _claim_and_launch(self, *, read: bool = False) -> None:
+        """Claim for what is free and run what the claim started: from the ready jobs
+        the node knows of when it knows them all (and `read` is not asked), else by
+        reading the queue."""
         async with self._claiming:
             started = time.monotonic()
             async with driver.pooled(self.engine) as conn:
-                claims = await self._claim(conn)
+                claims = None if read else await self._start_known(conn)
+                if claims is None:
+                    claims = await self._claim(conn)
             self._launch(claims, time.monotonic() - started)
 
+    async def _start_known(self, conn: driver.Executor) -> list[Claim] | None:
+        """core.plan() over the ready jobs the node knows of, and their start: one
+        statement, where a claim reads first. None when the node does not know them
+        all. The caller holds the claim lock."""
+        known = self._ready.ready
+        if known is None or not self.listener.connected.is_set():
+            return None
+        if not known:
+            return []
+        now = self.clock()
+        candidates = [
+            Candidate(q.job_id, q.sort_key, Resources(q.cpu_units, q.memory_mb), q.timeout_seconds)
+            for q in known.values()
+        ]
+        running = [
+            RunningJob(job_id, a.claim.resources, epoch(a.claim.started_at) + a.claim.timeout_seconds)
+            for job_id, a in self.running.items()
+        ]
+        starts = plan(epoch(now), candidates, running, self.capacity, self.policy)
+        if not starts:
+            return []
+        try:
+            claims = await attempts.start_planned(
+                conn, self.node_id, starts, dict(known), now, self.settings.lease_seconds
+            )
+        except BaseException:
+            self._ready.forget()
+            raise
+        if not self._ready.started([s.job_id for s in starts], [c.job_id for c in claims]):
+            self._wake.set()  # the queue changed under us, or dispatch did: read it
+        return claims
+
     async def _claim(self, conn: driver.Executor, ending: Collection[str] = ()) -> list[Claim] | None:
-        """`attempts.claim` for this node, reading first as many candidates as
+        """`attempts.claim_round` for this node, reading first as many candidates as
         core.first_read gives for what runs here, but for the attempts whose ends the
-        claim's transaction writes. The caller holds the claim lock."""
+        claim's transaction writes; what it read renews the node's view of the ready
+        queue. The caller holds the claim lock."""
         running = [
             RunningJob(job_id, a.claim.resources, 0.0) for job_id, a in self.running.items() if job_id not in ending
         ]
         first_window = first_read(self.capacity, running, self.policy)
-        return await attempts.claim(
-            conn, self.node_id, self.clock, self.policy, self.settings.lease_seconds, first_window=first_window
-        )
+        self._ready.reading()
+        try:
+            claimed = await attempts.claim_round(
+                conn, self.node_id, self.clock, self.policy, self.settings.lease_seconds, first_window=first_window
+            )
+        except BaseException:
+            self._ready.read_failed()
+            raise
+        started = [claim.job_id for claim in claimed.claims or ()]
+        self._ready.read(claimed.window, claimed.whole_queue and claimed.claims is not None, started)
+        return claimed.claims
 
     def _launch(self, claims: list[Claim] | None, claim_seconds: float) -> None:
         """Run what a claim started; None: it found dispatch paused (see _dispatch_paused)."""
@@ -392,6 +450,7 @@ class WorkerNode:
                         self._launch(claims, claim_seconds)
             except Exception:
                 claiming = False
+                self._ready.forget()  # what its claim read may have been rolled back
                 if delay is None:
                     log.exception("could not record %d ended attempts", len(batch))
                     return False

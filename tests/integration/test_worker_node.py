@@ -4,6 +4,7 @@ lease recovery, graceful stop, fencing and timeouts."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -137,6 +138,50 @@ async def test_a_submission_wakes_a_node_at_once(nodes: NodeFactory, engine: Asy
     await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'woken-1'", "completed", timeout=3)
 
 
+async def test_an_idle_node_that_knows_the_queue_starts_a_submission_without_reading_it(
+    nodes: NodeFactory, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its last read reached the end of the queue, and every submission since announced
+    what a plan needs: the node plans over what it knows and starts the job in one
+    statement. It still starts in queue order: a critical job before a low one
+    submitted ahead of it, once the single unit is free."""
+    reads = 0
+    claim_round = attempts.claim_round
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return await claim_round(*args, **kwargs)
+
+    monkeypatch.setattr(attempts, "claim_round", counted)
+    await nodes("knowing", cpu=1, poll_interval_seconds=60)
+    await wait_for(engine, "SELECT count(*) FROM nodes WHERE node_id = 'knowing'", 1)
+    await asyncio.sleep(0.2)  # its first claim read the (empty) queue
+    reads_before = reads
+
+    def spec(job_id: str, seconds: float, priority: str = "normal") -> Any:
+        document = {"type": "work", "priority": priority, "payload": {"simulate": {"duration_seconds": seconds}}}
+        return parse_job_spec(document, default_job_id=job_id)
+
+    async with autocommit(engine) as conn:
+        await jobs.submit_alone(conn, spec("alone", 0.3), "d", datetime.now(UTC), PolicyConfig(), [Resources(1, 4096)])
+    await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'alone'", "running", timeout=3)
+    assert reads == reads_before  # started from what it knew
+    async with engine.begin() as conn:  # while it runs: nothing fits, so nothing starts yet
+        await jobs.submit(
+            conn,
+            [spec("low", 0, "low"), spec("critical", 0, "critical")],
+            ["d", "d"],
+            datetime.now(UTC),
+            PolicyConfig(),
+            [Resources(1, 4096)],
+        )
+    await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 3, timeout=10)
+    async with engine.connect() as conn:
+        order = (await conn.execute(sa.text("SELECT job_id FROM job_attempts ORDER BY started_at, job_id"))).scalars()
+        assert list(order) == ["alone", "critical", "low"]
+
+
 async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_it_at_once(
     nodes: NodeFactory, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -150,10 +195,10 @@ async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_
         claims = 0
         claim = node._claim_and_launch
 
-        async def counted() -> None:
+        async def counted(**kwargs: Any) -> None:
             nonlocal claims
             claims += 1
-            await claim()
+            await claim(**kwargs)
 
         monkeypatch.setattr(node, "_claim_and_launch", counted)
         for index in range(40):
@@ -175,20 +220,30 @@ async def test_a_node_runs_one_claim_at_a_time(
     that locks nothing: two at once would plan the same free units (backfilling
     different jobs from different views, the second's starts would break the node's
     CHECK). So a node runs its claims one after another, whoever asks."""
-    claim = attempts.claim
     in_flight, most = 0, 0
+    claiming: contextvars.ContextVar[bool] = contextvars.ContextVar("claiming", default=False)
 
-    async def watched(*args: Any, **kwargs: Any) -> Any:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
-        try:
-            await asyncio.sleep(0.005)  # between the caller's ask and the read: room for another claim
-            return await claim(*args, **kwargs)
-        finally:
-            in_flight -= 1
+    def watched(step: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        """A claim reads then starts, or starts from what the node knows: either is one."""
 
-    monkeypatch.setattr(attempts, "claim", watched)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            nonlocal in_flight, most
+            if claiming.get():  # the start of a claim already counted
+                return await step(*args, **kwargs)
+            token = claiming.set(True)
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                await asyncio.sleep(0.005)  # between the caller's ask and the database: room for another claim
+                return await step(*args, **kwargs)
+            finally:
+                in_flight -= 1
+                claiming.reset(token)
+
+        return call
+
+    monkeypatch.setattr(attempts, "claim_round", watched(attempts.claim_round))
+    monkeypatch.setattr(attempts, "start_planned", watched(attempts.start_planned))
     node = await nodes("busy", cpu=3, memory=2048, poll_interval_seconds=60)
     await asyncio.gather(*(node._claim_and_launch() for _ in range(3)))
     assert most == 1
@@ -425,7 +480,8 @@ async def test_a_heartbeat_locks_jobs_in_the_order_the_recorder_does(
         )
     await insert_ready(engine, [{"job_id": "job_a"}, {"job_id": "job_b"}])
     async with autocommit(engine) as conn:
-        claims = await attempts.claim(conn, node_id, lambda: datetime.now(UTC), Settings().policy_config(), 30)
+        claimed = await attempts.claim_round(conn, node_id, lambda: datetime.now(UTC), Settings().policy_config(), 30)
+        claims = claimed.claims
         assert claims is not None
         # job_a's row moves past job_b's on disk (a new version, not a HOT one): disk order is no longer id order.
         await conn.execute(

@@ -62,13 +62,16 @@ class ReadyView:
         self.limit = limit
         self._jobs: dict[str, Queued] | None = None
         self._heard: dict[str, Queued | str | None] | None = None  # since the read in flight began
+        self._doubted = False  # told to forget since the read in flight began
 
     @property
     def ready(self) -> Mapping[str, Queued] | None:
         return self._jobs
 
     def forget(self) -> None:
+        """Not sure any more; a read in flight may not have seen the change either."""
         self._jobs = None
+        self._doubted = self._heard is not None
 
     def announced(self, message: Mapping[str, Any]) -> None:
         """A job.updated announcement, in commit order."""
@@ -83,12 +86,13 @@ class ReadyView:
         """A claim is about to read: what is announced from now on may postdate the
         read's snapshot, and is applied over it."""
         self._heard = {}
+        self._doubted = False
 
     def read(self, window: Sequence[Any], whole_queue: bool, started: Collection[str]) -> None:
         """The claim's window (rows with Queued's fields), whether it held every ready
         job, and what the claim started."""
         heard, self._heard = self._heard, None
-        if heard is None or not whole_queue or len(window) > self.limit:
+        if heard is None or self._doubted or not whole_queue or len(window) > self.limit:
             self._jobs = None
             return
         jobs: dict[str, Queued] | None = {
@@ -116,7 +120,7 @@ class ReadyView:
 
     def read_failed(self) -> None:
         self._heard = None
-        self._jobs = None
+        self.forget()
 
     def started(self, planned: Collection[str], started: Collection[str]) -> bool:
         """A start from the view; False (and forgotten) when some planned job did not

@@ -81,6 +81,18 @@ def test_a_ready_job_announced_without_its_entry_makes_the_view_unknown() -> Non
     assert known(view) is None
 
 
+def test_a_wake_during_a_read_leaves_the_view_unknown() -> None:
+    """A wake-up says something changed without saying what; committed during the read,
+    the read's snapshot may predate it."""
+    view = ReadyView(limit=16)
+    view.reading()
+    view.forget()
+    view.read([], True, ())
+    assert known(view) is None
+    whole_read(view, [])  # the next read, undisturbed, knows again
+    assert known(view) == set()
+
+
 def test_more_ready_jobs_than_a_window_are_left_to_reads() -> None:
     view = ReadyView(limit=2)
     whole_read(view, [row("a"), row("b")])

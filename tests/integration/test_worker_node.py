@@ -182,6 +182,30 @@ async def test_an_idle_node_that_knows_the_queue_starts_a_submission_without_rea
         assert list(order) == ["alone", "critical", "low"]
 
 
+async def test_two_idle_nodes_that_know_the_queue_start_each_submission_once(
+    nodes: NodeFactory, engine: AsyncEngine
+) -> None:
+    """Both know the queue and both try each lone submission from what they know: the
+    start re-checks in the database, so one runs it; the other's view is forgotten and
+    it reads the queue again. Each job runs once, and every one runs."""
+    await nodes("left", cpu=2, poll_interval_seconds=60)
+    await nodes("right", cpu=2, poll_interval_seconds=60)
+    await wait_for(engine, "SELECT count(*) FROM nodes", 2)
+    await asyncio.sleep(0.2)  # their first claims read the (empty) queue
+    for index in range(40):
+        document = {"type": "work", "payload": {"simulate": {"duration_seconds": 0.01}}}
+        spec = parse_job_spec(document, default_job_id=f"raced-{index:02d}")
+        async with autocommit(engine) as conn:
+            await jobs.submit_alone(conn, spec, "d", datetime.now(UTC), PolicyConfig(), [Resources(2, 4096)])
+        await asyncio.sleep(0.005)
+    await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 40, timeout=20)
+    async with engine.connect() as conn:
+        attempts_made = (await conn.execute(sa.text("SELECT count(*) FROM job_attempts"))).scalar_one()
+        used = (await conn.execute(sa.text("SELECT sum(cpu_used) + sum(memory_used) FROM nodes"))).scalar()
+    assert attempts_made == 40
+    assert used == 0
+
+
 async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_it_at_once(
     nodes: NodeFactory, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

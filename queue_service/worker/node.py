@@ -97,6 +97,15 @@ class RunningAttempt:
     task: asyncio.Task[None]
     stop_reason: str | None = None  # "cancelled" (already recorded elsewhere) or "interrupted" (shutdown)
     recording: bool = False  # the handler is done and its end is being written: never cancel that
+    began: bool = False  # its task has taken its first step
+
+    def stop(self, reason: str) -> None:
+        """Cancel the attempt. A task cancelled before its first step never runs its own
+        clean-up (it would hold its resources here for good): one that has not begun
+        finds the reason when it does."""
+        self.stop_reason = reason
+        if self.began:
+            self.task.cancel()
 
 
 @dataclass
@@ -157,8 +166,7 @@ class WorkerNode:
             await asyncio.wait(tasks, timeout=grace)
         for attempt in list(self.running.values()):
             if not attempt.recording:  # an attempt whose end is being written just needs the write
-                attempt.stop_reason = "interrupted"
-                attempt.task.cancel()
+                attempt.stop("interrupted")
         remaining = [attempt.task for attempt in self.running.values()]
         if remaining:
             _, unwritten = await asyncio.wait(remaining, timeout=STOP_RECORD_SECONDS)
@@ -242,8 +250,7 @@ class WorkerNode:
     def _stop_attempt(self, job_id: str, reason: str) -> None:
         attempt = self.running.get(job_id)
         if attempt is not None and not attempt.task.done() and not attempt.recording:
-            attempt.stop_reason = reason
-            attempt.task.cancel()
+            attempt.stop(reason)
 
     # -------------------------------------------------------------------- dispatch
     async def _dispatch_loop(self) -> None:
@@ -344,22 +351,26 @@ class WorkerNode:
         return cpu >= self.capacity.cpu_units or memory >= self.capacity.memory_mb
 
     async def _run(self, claim: Claim) -> None:
+        attempt = self.running[claim.job_id]
+        attempt.began = True
         context = JobContext(
             claim.job_id, claim.type, claim.priority, claim.payload, claim.attempt, claim.timeout_seconds
         )
         handler = self.registry.resolve(claim.type, strict=self.settings.strict_handlers)
         started = time.monotonic()
         try:
+            if attempt.stop_reason is not None:  # stopped before it began
+                raise asyncio.CancelledError
             end = await self._execute(handler, context, claim.timeout_seconds)
         except asyncio.CancelledError:
-            reason = self.running[claim.job_id].stop_reason
+            reason = attempt.stop_reason
             if reason == "interrupted":
                 end = AttemptEnd(AttemptOutcome.INTERRUPTED, "interrupted by shutdown")
             else:  # cancelled or lease lost: whoever took it away already recorded the end
                 self.running.pop(claim.job_id, None)
                 self._wake.set()  # its resources are free again
                 return
-        self.running[claim.job_id].recording = True
+        attempt.recording = True
         self._notify("attempt_ended", self.node_id, claim, end, time.monotonic() - started)
         dispatched = False
         try:

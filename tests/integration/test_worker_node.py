@@ -206,6 +206,23 @@ async def test_two_idle_nodes_that_know_the_queue_start_each_submission_once(
     assert used == 0
 
 
+async def test_an_attempt_cancelled_before_its_task_began_frees_its_resources(
+    nodes: NodeFactory, engine: AsyncEngine
+) -> None:
+    """A cancel announcement can be handled between a claim's launch and its task's
+    first step: the attempt never runs its handler, and the node does not go on
+    counting its resources as used."""
+    node = await nodes("early", cpu=1, poll_interval_seconds=60)
+    now = datetime.now(UTC)
+    claim = attempts.Claim("early-1", "work", "normal", {}, 1, uuid.uuid4(), 30.0, Resources(1, 64), False, now, now)
+    node._launch([claim], 0.0)
+    node._stop_attempt("early-1", "cancelled")  # in the same step as the launch
+    async with asyncio.timeout(2):
+        while "early-1" in node.running:
+            await asyncio.sleep(0.01)
+    assert not node._full()
+
+
 async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_it_at_once(
     nodes: NodeFactory, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

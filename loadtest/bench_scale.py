@@ -246,8 +246,8 @@ def operations(fixture: Fixture, settings: Settings) -> dict[str, Operation]:
         "get job (completed)": lambda conn: jobs.get_job(conn, fixture.completed),
         "position, front of queue": lambda conn: jobs.get_job(conn, fixture.front),
         "position, back of queue": lambda conn: jobs.get_job(conn, fixture.back),
-        "list ready, first page": lambda conn: jobs.list_jobs(conn, statuses=["ready"], limit=50),
-        "list completed, first page": lambda conn: jobs.list_jobs(conn, statuses=["completed"], limit=50),
+        "list ready, first page": lambda conn: jobs.list_jobs(conn, jobs.JobListing(50, statuses=["ready"])),
+        "list completed, first page": lambda conn: jobs.list_jobs(conn, jobs.JobListing(50, statuses=["completed"])),
         "complete with 10 dependants": complete,
     }
 

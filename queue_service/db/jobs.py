@@ -622,42 +622,27 @@ async def get_job(conn: driver.Executor, job_id: str) -> dict[str, Any]:
     return job
 
 
-async def list_jobs(
-    conn: AsyncConnection,
-    *,
-    statuses: Sequence[str] = (),
-    job_type: str | None = None,
-    priority: str | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    limit: int,
-    cursor: str | None = None,
-) -> Page:
+@dataclass(frozen=True)
+class JobListing:
+    """A page of GET /jobs: its filters (`created_after` inclusive, `created_before`
+    exclusive, so consecutive windows tile without overlap), size and cursor."""
+
+    limit: int
+    statuses: Sequence[str] = ()
+    job_type: str | None = None
+    priority: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    cursor: str | None = None
+
+
+async def list_jobs(conn: AsyncConnection, listing: JobListing) -> Page:
     """Jobs newest first, keyset-paged on (created_at, job_id) so each page is an
-    index range scan however deep it is. `created_after` is inclusive,
-    `created_before` exclusive, so consecutive windows tile without overlap."""
-    query = list_query(
-        statuses=statuses,
-        job_type=job_type,
-        priority=priority,
-        created_after=created_after,
-        created_before=created_before,
-        limit=limit,
-        cursor=cursor,
-    )
-    return await _page(conn, (await conn.execute(query)).all(), "created_at", limit)
+    index range scan however deep it is."""
+    return await _page(conn, (await conn.execute(list_query(listing))).all(), "created_at", listing.limit)
 
 
-def list_query(
-    *,
-    statuses: Sequence[str] = (),
-    job_type: str | None = None,
-    priority: str | None = None,
-    created_after: datetime | None = None,
-    created_before: datetime | None = None,
-    limit: int,
-    cursor: str | None = None,
-) -> sa.Select[Any]:
+def list_query(listing: JobListing) -> sa.Select[Any]:
     """The statement behind `list_jobs`: one more row than the page, newest first.
 
     Filtered by status alone, each status is asked as a range (`status >= s AND
@@ -670,31 +655,31 @@ def list_query(
     merged. With a type, ix_jobs_type_created serves it as before: the range would
     make the planner sort every job of a rare type."""
     query: sa.Select[Any] = sa.select(*_PUBLIC_COLUMNS)
-    if job_type is not None:
-        query = query.where(_jobs.c.type == job_type)
-    if priority is not None:
-        query = query.where(_jobs.c.priority == priority)
-    if created_after is not None:
-        query = query.where(_jobs.c.created_at >= created_after)
-    if created_before is not None:
-        query = query.where(_jobs.c.created_at < created_before)
-    order = (_jobs.c.created_at, _jobs.c.job_id)
-    query = _after_cursor(query, order, cursor)
+    if listing.job_type is not None:
+        query = query.where(_jobs.c.type == listing.job_type)
+    if listing.priority is not None:
+        query = query.where(_jobs.c.priority == listing.priority)
+    if listing.created_after is not None:
+        query = query.where(_jobs.c.created_at >= listing.created_after)
+    if listing.created_before is not None:
+        query = query.where(_jobs.c.created_at < listing.created_before)
+    query = _after_cursor(query, (_jobs.c.created_at, _jobs.c.job_id), listing.cursor)
     newest_first = (_jobs.c.created_at.desc(), _jobs.c.job_id.desc())
-    if not statuses:
-        return query.order_by(*newest_first).limit(limit + 1)
-    if job_type is not None:
-        return query.where(_jobs.c.status.in_(list(statuses))).order_by(*newest_first).limit(limit + 1)
+    rows = listing.limit + 1
+    if not listing.statuses:
+        return query.order_by(*newest_first).limit(rows)
+    if listing.job_type is not None:
+        return query.where(_jobs.c.status.in_(list(listing.statuses))).order_by(*newest_first).limit(rows)
     branches = [
         query.where(_jobs.c.status >= status, _jobs.c.status <= status)
         .order_by(_jobs.c.status, *newest_first)
-        .limit(limit + 1)
-        for status in dict.fromkeys(statuses)
+        .limit(rows)
+        for status in dict.fromkeys(listing.statuses)
     ]
     if len(branches) == 1:
         return branches[0]
     merged = sa.union_all(*branches).subquery("by_status")
-    return sa.select(merged).order_by(merged.c.created_at.desc(), merged.c.job_id.desc()).limit(limit + 1)
+    return sa.select(merged).order_by(merged.c.created_at.desc(), merged.c.job_id.desc()).limit(rows)
 
 
 async def dead_letter(conn: AsyncConnection, *, limit: int, cursor: str | None = None) -> Page:

@@ -240,10 +240,10 @@ async def test_a_page_of_a_common_status_reads_only_that_page_beside_newer_jobs(
         await connection.execute("VACUUM ANALYZE jobs")
         cursor = jobs.encode_cursor(datetime(2026, 1, 1, 0, 0, 20, tzinfo=UTC), "old_20000")
         lists = {
-            "completed": jobs.list_query(statuses=["completed"], limit=50),
-            "completed, next page": jobs.list_query(statuses=["completed"], limit=50, cursor=cursor),
-            "completed or failed": jobs.list_query(statuses=["completed", "failed"], limit=50),
-            "completed of a rare type": jobs.list_query(statuses=["completed"], job_type="rare", limit=50),
+            "completed": jobs.list_query(jobs.JobListing(50, statuses=["completed"])),
+            "completed, next page": jobs.list_query(jobs.JobListing(50, statuses=["completed"], cursor=cursor)),
+            "completed or failed": jobs.list_query(jobs.JobListing(50, statuses=["completed", "failed"])),
+            "completed of a rare type": jobs.list_query(jobs.JobListing(50, statuses=["completed"], job_type="rare")),
         }
         dialect = PGDialect()  # type: ignore[no-untyped-call]  # SQLAlchemy leaves it untyped
         plans = {}

@@ -121,16 +121,16 @@ async def list_jobs(
     cursor: Annotated[str | None, Query(max_length=1024, description="next_cursor of the previous page")] = None,
 ) -> dict[str, Any]:
     async with autocommit(runtime.engine) as conn:
-        page = await jobs.list_jobs(
-            conn,
+        listing = jobs.JobListing(
+            limit,
             statuses=[s.value for s in status or ()],
             job_type=job_type,
             priority=priority.value if priority else None,
             created_after=_aware(created_after),
             created_before=_aware(created_before),
-            limit=limit,
             cursor=cursor,
         )
+        page = await jobs.list_jobs(conn, listing)
     return {"items": page.items, "next_cursor": page.next_cursor}
 
 

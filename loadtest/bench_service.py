@@ -9,7 +9,8 @@ Starts `taskqueue serve` as a process on a fresh database and measures, in one r
   the service's own node), after the reads;
 - GET /jobs/{id} latency p50/p99 over 2000 requests;
 - the service process's RSS before and after 100,000 jobs submitted, run and read
-  (`--rss-jobs`).
+  (`--rss-jobs`), and what those runs left in the jobs table: dead row versions, the
+  VACUUMs that reclaimed them, its size.
 The database is `DATABASE_URL` (a server's maintenance database) or an embedded one.
 The client is aiohttp: it shares the machine's cores with the service and the database,
 and httpx spent 1.7 times the service's own CPU time per request (measured with top
@@ -38,11 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
 from loadtest.databases import admin_execute
 from queue_service.db.embedded import embedded_postgres
+from queue_service.db.engine import asyncpg_dsn
 from queue_service.settings import render_url
 
 TASKQUEUE = str(Path(sys.executable).parent / "taskqueue")
@@ -221,6 +224,26 @@ async def memory_growth(client: Client, pid: int, count: int) -> dict[str, float
     return {"jobs": count, "before_mb": before, "after_mb": after, "growth_mb": after - before}
 
 
+async def jobs_table(database_url: str) -> dict[str, float]:
+    """The jobs table as running jobs left it: live and dead row versions, the VACUUMs
+    that reclaimed dead ones (the leader's and autovacuum's), its size with its indexes
+    and the ready-queue index's, which claims walk from its head."""
+    connection = await asyncpg.connect(asyncpg_dsn(database_url))
+    try:
+        row = await connection.fetchrow(
+            """
+            SELECT n_live_tup AS live_rows, n_dead_tup AS dead_rows, vacuum_count AS vacuums,
+                   autovacuum_count AS autovacuums, pg_total_relation_size('jobs') / 1048576.0 AS total_mb,
+                   pg_relation_size('ix_jobs_ready_queue') / 1048576.0 AS ready_index_mb
+            FROM pg_stat_user_tables WHERE schemaname = current_schema() AND relname = 'jobs'
+            """
+        )
+    finally:
+        await connection.close()
+    assert row is not None, "no statistics for the jobs table"
+    return {key: float(value) for key, value in row.items()}
+
+
 def _status_filter(*statuses: str) -> list[tuple[str, str]]:
     """The query of a one-item page of jobs in any of `statuses`: is any left?"""
     return [*(("status", status) for status in statuses), ("limit", "1")]
@@ -252,10 +275,8 @@ async def measure(base: str, pid: int, database_url: str, rss_jobs: int) -> dict
             await active_nodes(client, 2)
             waiting = len(ACCEPT_LABELS) * 1000 * ACCEPT_ROUNDS
             results["drain_two_nodes_jobs_per_s"] = await drain_waiting(client, waiting)
-        return {
-            **results,
-            "rss": await memory_growth(client, pid, rss_jobs) if rss_jobs else None,
-        }
+        rss = await memory_growth(client, pid, rss_jobs) if rss_jobs else None
+        return {**results, "rss": rss, "jobs_table": await jobs_table(database_url)}
 
 
 def main() -> None:
@@ -278,6 +299,12 @@ def main() -> None:
             f"| service RSS before / after {rss['jobs']:,} jobs | {rss['before_mb']:.0f} / {rss['after_mb']:.0f} MB "
             f"(+{rss['growth_mb']:.1f} MB) |"
         )
+    table = results["jobs_table"]
+    print(
+        f"| jobs table afterwards | {table['live_rows']:,.0f} live rows, {table['dead_rows']:,.0f} dead "
+        f"({table['vacuums']:.0f} VACUUMs, {table['autovacuums']:.0f} by autovacuum); {table['total_mb']:.0f} MB "
+        f"with its indexes, ready-queue index {table['ready_index_mb']:.1f} MB |"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

@@ -128,6 +128,16 @@ def service_section(results: dict[str, Any]) -> list[str]:
             if (rss := results.get("rss"))
             else []
         ),
+        *(
+            [
+                f"| jobs table after all of the above | {table['live_rows']:,.0f} live rows, "
+                f"{table['dead_rows']:,.0f} dead row versions ({table['vacuums']:.0f} VACUUMs by the leader, "
+                f"{table['autovacuums']:.0f} by autovacuum); {table['total_mb']:.0f} MB with its indexes, "
+                f"the ready-queue index {table['ready_index_mb']:.1f} MB |"
+            ]
+            if (table := results.get("jobs_table"))
+            else []
+        ),
         "",
     ]
 

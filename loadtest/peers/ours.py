@@ -38,7 +38,11 @@ from queue_service.db.listener import EventListener
 from queue_service.observability.metrics import FOLD_INTERVAL_SECONDS
 from queue_service.settings import Settings
 from queue_service.worker.handlers import HandlerRegistry, JobContext
-from queue_service.worker.leader import STATISTICS_INTERVAL_SECONDS, VACUUM_INTERVAL_SECONDS
+from queue_service.worker.leader import (
+    CHURN_VACUUM_INTERVAL_SECONDS,
+    STATISTICS_INTERVAL_SECONDS,
+    VACUUM_INTERVAL_SECONDS,
+)
 from queue_service.worker.node import WorkerNode
 
 JOB_TYPE: Final = "noop"
@@ -158,8 +162,9 @@ async def _measure_beside_folding(
 
 async def _fold_as_the_leader_does(engine: AsyncEngine) -> None:
     """The leader's upkeep of a deployment: folding every FOLD_INTERVAL_SECONDS, the
-    VACUUM of what it folded every VACUUM_INTERVAL_SECONDS, and statistics for the
-    tables a burst changed every STATISTICS_INTERVAL_SECONDS."""
+    VACUUM of what it folded every VACUUM_INTERVAL_SECONDS, statistics for the tables a
+    burst changed every STATISTICS_INTERVAL_SECONDS, and the VACUUM of the tables the
+    runs churned every CHURN_VACUUM_INTERVAL_SECONDS."""
     rounds, folded = 0, False
     while True:
         await asyncio.sleep(FOLD_INTERVAL_SECONDS)
@@ -173,6 +178,9 @@ async def _fold_as_the_leader_does(engine: AsyncEngine) -> None:
         if rounds % round(STATISTICS_INTERVAL_SECONDS / FOLD_INTERVAL_SECONDS) == 0:
             async with engine.begin() as conn:
                 await insight.refresh_statistics(conn)
+        if rounds % round(CHURN_VACUUM_INTERVAL_SECONDS / FOLD_INTERVAL_SECONDS) == 0:
+            async with autocommit(engine) as conn:
+                await insight.vacuum_churned(conn)
 
 
 async def _all_completed(engine: AsyncEngine, counter: Counter) -> None:

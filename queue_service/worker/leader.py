@@ -1,5 +1,6 @@
 """Single-leader duties (SPEC §10, §11): one process among all worker nodes runs
-the lease reaper, cron firing, and queue-counter compaction with the VACUUM it calls for.
+the lease reaper, cron firing, queue-counter compaction with the VACUUM it calls for,
+fresh statistics, and the VACUUM of the queue tables that running jobs churn.
 
 Leadership is a PostgreSQL session advisory lock held on a connection of its own
 (not a pooled one, which would hand the lock to whoever borrows it next). Every
@@ -48,6 +49,7 @@ RETENTION_INTERVAL_SECONDS: Final = 60.0  # how often the leader purges old fini
 # a few ms each time, against a position read that slows by ~0.1 ms per 5,000 dead rows.
 VACUUM_INTERVAL_SECONDS: Final = 2.0
 STATISTICS_INTERVAL_SECONDS: Final = 2.0  # how often the leader looks for queue tables a burst left unanalysed
+CHURN_VACUUM_INTERVAL_SECONDS: Final = 5.0  # how often it looks for queue tables churn left full of dead rows
 # A leader whose host vanishes without closing its socket loses the lock after
 # about idle + interval × count seconds (TCP only; a Unix socket closes with the process).
 KEEPALIVES: Final = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2", "tcp_keepalives_count": "3"}
@@ -89,6 +91,7 @@ class Leader:
             _Duty("counter compaction", FOLD_INTERVAL_SECONDS, self._compact),
             _Duty("statistics", STATISTICS_INTERVAL_SECONDS, self._refresh_statistics),
             _Duty("vacuum after folding", VACUUM_INTERVAL_SECONDS, self._vacuum_folded, autocommit=True),
+            _Duty("vacuum after churn", CHURN_VACUUM_INTERVAL_SECONDS, self._vacuum_churned, autocommit=True),
         ]
         self._folded_since_vacuum = False
         if self.settings.retention_seconds is not None:
@@ -201,6 +204,11 @@ class Leader:
         analysed = await insight.refresh_statistics(conn)
         if analysed:
             log.info("analysed %s after a burst of changes", ", ".join(analysed))
+
+    async def _vacuum_churned(self, conn: AsyncConnection, now: datetime) -> None:
+        vacuumed = await insight.vacuum_churned(conn)
+        if vacuumed:
+            log.info("vacuumed %s after churn", ", ".join(vacuumed))
 
     async def _compact(self, conn: AsyncConnection, now: datetime) -> None:
         # Depth counters and position buckets, when worth it.

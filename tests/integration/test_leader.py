@@ -23,8 +23,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from queue_service.core.model import Resources
-from queue_service.db import attempts, jobs, tables
-from queue_service.db.engine import asyncpg_dsn, create_engine
+from queue_service.db import attempts, insight, jobs, tables
+from queue_service.db.engine import asyncpg_dsn, autocommit, create_engine
 from queue_service.settings import Settings, normalize_database_url
 from queue_service.worker.leader import LEADER_APPLICATION_PREFIX, LEADER_LOCK_KEY, Leader
 
@@ -297,4 +297,82 @@ async def test_the_leader_compacts_the_queue_counters_and_vacuums_them(
         assert await vacuums() > vacuumed_before  # what the fold deleted is vacuumed, not left for a minute
     finally:
         await leader.stop()
+        await engine.dispose()
+
+
+async def test_the_leader_vacuums_the_dead_rows_running_jobs_leave(migrated_url: str) -> None:
+    """Each status change of a job leaves a dead row version (status is indexed, so no
+    update is in place), kept in the partial indexes claims walk until a vacuum; a server
+    whose autovacuum is off (or waits for a fifth of the table to be dead) lets them pile
+    up. Past its threshold, and only then, the leader vacuums the table."""
+    settings = leader_settings(migrated_url)
+    engine = create_engine(settings)
+    leader = Leader(engine, migrated_url, settings, "vacuumer")
+
+    async def dead_rows_and_vacuums() -> tuple[int, int]:
+        async with engine.begin() as conn:
+            row = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT n_dead_tup, vacuum_count FROM pg_stat_user_tables "
+                        "WHERE schemaname = current_schema() AND relname = 'jobs'"
+                    )
+                )
+            ).one()
+            return int(row.n_dead_tup), int(row.vacuum_count)
+
+    async def run_and_complete(first: int, count: int) -> None:
+        """`count` jobs that ran and completed: two dead row versions each."""
+        async with engine.begin() as conn:
+            await conn.execute(
+                sa.text(
+                    """
+                    INSERT INTO jobs (job_id, type, priority, status, cpu_units, memory_mb, max_attempts,
+                                      backoff_multiplier, initial_delay_seconds, max_delay_seconds, jitter,
+                                      timeout_seconds, request_hash, attempt_budget, ready_at, sort_key)
+                    SELECT 'churned_' || g, 'work', 'normal', 'ready', 1, 128, 3, 2.0, 1.0, 60.0, 0.0, 30.0, 'h', 3,
+                           now(), 1767225600 + g
+                    FROM generate_series(CAST(:first AS integer), CAST(:last AS integer)) AS g
+                    """
+                ),
+                {"first": first, "last": first + count - 1},
+            )
+        for change in (
+            "status = 'running', attempts = 1, worker_id = 'gone', started_at = now(), "
+            "lease_token = gen_random_uuid(), lease_expires_at = now() + interval '1 hour'",
+            "status = 'completed', finished_at = now(), lease_token = NULL, lease_expires_at = NULL",
+        ):
+            async with engine.begin() as conn:
+                await conn.execute(sa.text(f"UPDATE jobs SET {change} WHERE status IN ('ready', 'running')"))
+
+    async def dead_rows_seen(at_least: int) -> int:
+        deadline = time.monotonic() + 10
+        while (dead := (await dead_rows_and_vacuums())[0]) < at_least and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)  # the statistics view sees a commit within a second or so
+        return dead
+
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
+            # Whatever autovacuum this server runs must not do the leader's work meanwhile.
+            await conn.execute(sa.text("ALTER TABLE jobs SET (autovacuum_enabled = false)"))
+        await run_and_complete(1, 5_000)
+        assert await dead_rows_seen(10_000) >= 10_000
+        async with autocommit(engine) as conn:
+            assert await insight.vacuum_churned(conn) == []  # 10,000 dead rows: below the threshold
+
+        await run_and_complete(5_001, 25_000)
+        assert await dead_rows_seen(60_000) >= 60_000
+        _, vacuumed_before = await dead_rows_and_vacuums()
+        await leader.start()  # a new leader runs every duty at once
+        deadline = time.monotonic() + 10
+        while (await dead_rows_and_vacuums())[1] == vacuumed_before and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        dead_after, vacuumed_after = await dead_rows_and_vacuums()
+        assert vacuumed_after == vacuumed_before + 1
+        assert dead_after == 0
+    finally:
+        await leader.stop()
+        async with engine.begin() as conn:
+            await conn.execute(sa.text("ALTER TABLE jobs RESET (autovacuum_enabled)"))
         await engine.dispose()

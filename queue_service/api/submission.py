@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import secrets
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -21,7 +20,8 @@ from fastapi import Request
 
 from queue_service.core.errors import FieldProblem, InvalidJob, PayloadTooLarge
 from queue_service.core.model import JobSpec
-from queue_service.core.validation import generated_job_id, parse_job_spec, standard_json
+from queue_service.core.validation import parse_job_spec, standard_json
+from queue_service.db.jobs import new_job_id
 
 MAX_BODY_BYTES: Final = 16 * 1024 * 1024  # a batch of thousands of jobs; beyond this, 413 before parsing
 MAX_JSON_DEPTH: Final = 64  # nesting PostgreSQL's jsonb and our own walks take without strain
@@ -101,12 +101,13 @@ def parse_one(document: Any, loc: Loc = ("body",)) -> tuple[JobSpec, str]:
         raise InvalidJob([FieldProblem(loc, "must be a JSON object (a job)")])
     # A client's own id needs none generated (the system's randomness: a twentieth of a
     # batch's time); an invalid one fails the parse, so nothing sees the placeholder.
-    default_job_id = "" if "job_id" in document else generated_job_id(secrets.token_hex(6))
+    client_job_id = "job_id" in document
+    default_job_id = "" if client_job_id else new_job_id()
     try:
-        spec = parse_job_spec(document, default_job_id=default_job_id)
+        spec = parse_job_spec(document, default_job_id=default_job_id, default_is_generated=not client_job_id)
     except InvalidJob as invalid:
         raise InvalidJob([FieldProblem((*loc, *p.loc), p.message) for p in invalid.problems]) from None
-    return spec, request_hash(spec, client_job_id="job_id" in document)
+    return spec, request_hash(spec, client_job_id=client_job_id)
 
 
 def parse_single(document: Any, header_key: str | None) -> tuple[JobSpec, str]:

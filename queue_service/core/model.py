@@ -141,3 +141,6 @@ class JobSpec:
     retry: RetryConfig = RetryConfig()
     timeout_seconds: float = c.DEFAULT_TIMEOUT_SECONDS
     idempotency_key: str | None = None
+    # The id was drawn for the client, not chosen by it: a stored job with the same id is
+    # a coincidence of draws (the id is drawn again), never the request repeated.
+    job_id_generated: bool = False

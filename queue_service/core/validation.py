@@ -160,9 +160,10 @@ def standard_json(document: Any, *, sort_keys: bool = False) -> bytes:
 _RESOURCES = Resources(c.DEFAULT_CPU_UNITS, c.DEFAULT_MEMORY_MB)
 
 
-def parse_job_spec(data: Mapping[str, Any], *, default_job_id: str) -> JobSpec:
+def parse_job_spec(data: Mapping[str, Any], *, default_job_id: str, default_is_generated: bool = False) -> JobSpec:
     """Validate a submitted job; raise InvalidJob listing every problem, or
-    PayloadTooLarge when the payload alone is over the limit."""
+    PayloadTooLarge when the payload alone is over the limit. `default_is_generated`:
+    the default id was drawn at random (see JobSpec.job_id_generated)."""
     check = _Checker()
     check.mapping(data, (), JOB_FIELDS)
 
@@ -215,7 +216,8 @@ def parse_job_spec(data: Mapping[str, Any], *, default_job_id: str) -> JobSpec:
     size = payload_size(payload)
     if size > c.MAX_PAYLOAD_BYTES:
         raise PayloadTooLarge(f"payload is {size} bytes serialized; the limit is {c.MAX_PAYLOAD_BYTES}")
-    return JobSpec(job_id, job_type, priority, payload, resources, depends_on, retry, timeout, key)
+    generated = default_is_generated and "job_id" not in data
+    return JobSpec(job_id, job_type, priority, payload, resources, depends_on, retry, timeout, key, generated)
 
 
 _SIMULATE_FIELDS = frozenset({"duration_seconds", "fail_attempts", "timeout_attempts", "permanent_failure"})

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 import math
+import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,7 +29,7 @@ from queue_service.core import dag, states
 from queue_service.core.errors import FieldProblem, InvalidJob, UnknownDependency
 from queue_service.core.model import JobSpec, JobStatus, Resources
 from queue_service.core.policy import PolicyConfig, sort_key
-from queue_service.core.validation import check_schedulable, is_valid_job_id, standard_json
+from queue_service.core.validation import check_schedulable, generated_job_id, is_valid_job_id, standard_json
 from queue_service.db import driver, tables
 from queue_service.db.attempts import JobNotFound
 from queue_service.db.engine import is_retryable, translate_errors
@@ -96,6 +98,11 @@ async def live_capacities(conn: driver.Executor) -> list[Resources]:
 SUBMIT_ATTEMPTS: Final = 3  # a submission aborted by a deadlock is run again, this many times in all
 
 
+def new_job_id() -> str:
+    """An id drawn for a job whose client chose none (SPEC §3: `job_` + 12 hex characters)."""
+    return generated_job_id(secrets.token_hex(6))
+
+
 async def submit_request(
     engine: AsyncEngine,
     specs: Sequence[JobSpec],
@@ -144,6 +151,7 @@ async def submit(
         raise ValueError("one request hash per spec")
     if not capacities:
         raise ValueError("no capacity to check jobs against: pass the configured default when no node is live")
+    specs = _distinct_generated_ids(specs)
     _check_batch_identity(specs)
     dag.check_acyclic({spec.job_id: spec.depends_on for spec in specs})
     for _ in range(RACE_ATTEMPTS):
@@ -155,7 +163,34 @@ async def submit(
                 return await _submit_once(conn, specs, request_hashes, now, policy, capacities)
         except _LostRace:
             continue
+        except _GeneratedIdsTaken as taken:
+            specs = [_redrawn(spec) if spec.job_id in taken.job_ids else spec for spec in specs]
     raise RuntimeError(f"submission lost {RACE_ATTEMPTS} races in a row to concurrent identical submissions")
+
+
+class _GeneratedIdsTaken(Exception):
+    """Ids drawn for the client (JobSpec.job_id_generated) that stored jobs already have."""
+
+    def __init__(self, job_ids: set[str]) -> None:
+        super().__init__(", ".join(sorted(job_ids)))
+        self.job_ids = job_ids
+
+
+def _redrawn(spec: JobSpec) -> JobSpec:
+    return dataclasses.replace(spec, job_id=new_job_id())
+
+
+def _distinct_generated_ids(specs: Sequence[JobSpec]) -> Sequence[JobSpec]:
+    """Draw again an id drawn for the client that another member of the batch has: a
+    coincidence of draws, not the client naming one job twice."""
+    seen = {spec.job_id for spec in specs if not spec.job_id_generated}
+    distinct: list[JobSpec] = []
+    for spec in specs:
+        while spec.job_id_generated and spec.job_id in seen:
+            spec = _redrawn(spec)
+        seen.add(spec.job_id)
+        distinct.append(spec)
+    return distinct
 
 
 def _check_batch_identity(specs: Sequence[JobSpec]) -> None:
@@ -205,12 +240,14 @@ _REPLAYS_SQL: Final = driver.Statement(
 
 async def _replays(conn: AsyncConnection, specs: Sequence[JobSpec], hashes: Sequence[str]) -> dict[str, str]:
     """Map each spec that repeats a stored submission to the stored job's id; raise
-    on a stored id or key that came with a different body."""
+    on a stored id or key that came with a different body, and _GeneratedIdsTaken for
+    ids drawn for the client that stored jobs have (no repetition: a coincidence)."""
     keys = [s.idempotency_key for s in specs if s.idempotency_key is not None]
     rows = await driver.fetch(conn, _REPLAYS_SQL, {"ids": [s.job_id for s in specs], "keys": keys})
     by_id = {r.job_id: r for r in rows}
     by_key = {r.idempotency_key: r for r in rows if r.idempotency_key is not None}
     originals: dict[str, str] = {}
+    taken: set[str] = set()
     for spec, digest in zip(specs, hashes, strict=True):
         # The key names the request the client meant to repeat, so it decides first.
         keyed = by_key.get(spec.idempotency_key) if spec.idempotency_key is not None else None
@@ -219,9 +256,14 @@ async def _replays(conn: AsyncConnection, specs: Sequence[JobSpec], hashes: Sequ
                 raise IdempotencyKeyConflict(spec.idempotency_key)
             originals[spec.job_id] = keyed.job_id
         elif (same_id := by_id.get(spec.job_id)) is not None:
-            if same_id.request_hash != digest:
+            if spec.job_id_generated:
+                taken.add(spec.job_id)
+            elif same_id.request_hash != digest:
                 raise JobIdConflict(spec.job_id)
-            originals[spec.job_id] = same_id.job_id
+            else:
+                originals[spec.job_id] = same_id.job_id
+    if taken:
+        raise _GeneratedIdsTaken(taken)
     return originals
 
 

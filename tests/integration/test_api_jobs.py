@@ -262,6 +262,26 @@ async def test_same_client_job_id_replays_or_conflicts(api: Api) -> None:
     assert assert_problem(conflict, 409, "job_id_conflict")["job_id"] == "mine"
 
 
+async def test_a_generated_id_already_taken_is_drawn_again_never_a_replay(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Generated ids are random, so two can coincide (48 bits: about once in 600
+    submissions of a million). The id is ours, not the client's: a second identical body
+    that drew a taken id is a new job under a fresh id, never a replay of the first
+    (that would lose it) nor a 409; nor are two members of one batch that drew the same."""
+    draws = iter(["5eed5eed5eed", "5eed5eed5eed", "0123456789ab", "c0ffeec0ffee", "c0ffeec0ffee", "d00dd00dd00d"])
+    monkeypatch.setattr("queue_service.db.jobs.secrets.token_hex", lambda _bytes: next(draws))
+    first = await submit(api, job("send_email"))
+    second = await submit(api, job("send_email"))  # the same body, and the same draw
+    assert (first["job_id"], second["job_id"]) == ("job_5eed5eed5eed", "job_0123456789ab")
+    batch = await api.client.post("/jobs/batch", json=[job("send_email"), job("send_email")])
+    assert batch.status_code == 201, batch.text
+    ids = [member["job_id"] for member in batch.json()["jobs"]]
+    assert ids == ["job_c0ffeec0ffee", "job_d00dd00dd00d"]
+    for job_id in (first["job_id"], second["job_id"], *ids):
+        assert (await api.client.get(f"/jobs/{job_id}")).json()["status"] == "ready"
+
+
 async def test_header_and_body_keys_must_agree(api: Api) -> None:
     response = await api.client.post("/jobs", json=job(idempotency_key="a"), headers={"Idempotency-Key": "b"})
     body = assert_problem(response, 422, "validation_error")

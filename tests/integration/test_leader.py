@@ -361,8 +361,8 @@ async def test_the_leader_vacuums_the_dead_rows_running_jobs_leave(migrated_url:
         async with autocommit(engine) as conn:
             assert await insight.vacuum_churned(conn) == []  # 10,000 dead rows: below the threshold
 
-        await run_and_complete(5_001, 25_000)
-        assert await dead_rows_seen(60_000) >= 60_000
+        await run_and_complete(5_001, 6_000)
+        assert await dead_rows_seen(22_000) >= 22_000
         _, vacuumed_before = await dead_rows_and_vacuums()
         await leader.start()  # a new leader runs every duty at once
         deadline = time.monotonic() + 10
@@ -374,5 +374,7 @@ async def test_the_leader_vacuums_the_dead_rows_running_jobs_leave(migrated_url:
     finally:
         await leader.stop()
         async with engine.begin() as conn:
+            # Nothing left behind for the server's autovacuum to work on beside later tests.
+            await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
             await conn.execute(sa.text("ALTER TABLE jobs RESET (autovacuum_enabled)"))
         await engine.dispose()

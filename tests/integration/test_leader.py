@@ -89,6 +89,22 @@ async def lock_holder(url: str) -> str | None:
         await connection.close()
 
 
+async def dead_rows_and_vacuums(engine: AsyncEngine, table: str) -> tuple[int, int]:
+    """A table's dead row versions and the VACUUMs run on it (not autovacuum's), as the
+    statistics view counts them."""
+    async with engine.begin() as conn:
+        row = (
+            await conn.execute(
+                sa.text(
+                    "SELECT n_dead_tup, vacuum_count FROM pg_stat_user_tables "
+                    "WHERE schemaname = current_schema() AND relname = :table"
+                ),
+                {"table": table},
+            )
+        ).one()
+    return int(row.n_dead_tup), int(row.vacuum_count)
+
+
 async def test_exactly_one_leads(pair: tuple[list[Leader], list[AsyncEngine]], migrated_url: str) -> None:
     leaders, _ = pair
     await wait_for(lambda: any(leader.is_leader for leader in leaders))
@@ -275,17 +291,7 @@ async def test_the_leader_compacts_the_queue_counters_and_vacuums_them(
                 return int((await conn.execute(sa.text("SELECT count(*) FROM queue_counters"))).scalar_one())
 
         async def vacuums() -> int:
-            async with engine.begin() as conn:
-                return int(
-                    (
-                        await conn.execute(
-                            sa.text(
-                                "SELECT coalesce(sum(vacuum_count), 0) FROM pg_stat_user_tables "
-                                "WHERE schemaname = current_schema() AND relname = 'queue_rank_deltas'"
-                            )
-                        )
-                    ).scalar_one()
-                )
+            return (await dead_rows_and_vacuums(engine, "queue_rank_deltas"))[1]
 
         assert await counter_rows() > 256
         vacuumed_before = await vacuums()
@@ -308,18 +314,6 @@ async def test_the_leader_vacuums_the_dead_rows_running_jobs_leave(migrated_url:
     settings = leader_settings(migrated_url)
     engine = create_engine(settings)
     leader = Leader(engine, migrated_url, settings, "vacuumer")
-
-    async def dead_rows_and_vacuums() -> tuple[int, int]:
-        async with engine.begin() as conn:
-            row = (
-                await conn.execute(
-                    sa.text(
-                        "SELECT n_dead_tup, vacuum_count FROM pg_stat_user_tables "
-                        "WHERE schemaname = current_schema() AND relname = 'jobs'"
-                    )
-                )
-            ).one()
-            return int(row.n_dead_tup), int(row.vacuum_count)
 
     async def run_and_complete(first: int, count: int) -> None:
         """`count` jobs that ran and completed: two dead row versions each."""
@@ -347,7 +341,7 @@ async def test_the_leader_vacuums_the_dead_rows_running_jobs_leave(migrated_url:
 
     async def dead_rows_seen(at_least: int) -> int:
         deadline = time.monotonic() + 10
-        while (dead := (await dead_rows_and_vacuums())[0]) < at_least and time.monotonic() < deadline:
+        while (dead := (await dead_rows_and_vacuums(engine, "jobs"))[0]) < at_least and time.monotonic() < deadline:
             await asyncio.sleep(0.1)  # the statistics view sees a commit within a second or so
         return dead
 
@@ -363,12 +357,12 @@ async def test_the_leader_vacuums_the_dead_rows_running_jobs_leave(migrated_url:
 
         await run_and_complete(5_001, 6_000)
         assert await dead_rows_seen(22_000) >= 22_000
-        _, vacuumed_before = await dead_rows_and_vacuums()
+        _, vacuumed_before = await dead_rows_and_vacuums(engine, "jobs")
         await leader.start()  # a new leader runs every duty at once
         deadline = time.monotonic() + 10
-        while (await dead_rows_and_vacuums())[1] == vacuumed_before and time.monotonic() < deadline:
+        while (await dead_rows_and_vacuums(engine, "jobs"))[1] == vacuumed_before and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        dead_after, vacuumed_after = await dead_rows_and_vacuums()
+        dead_after, vacuumed_after = await dead_rows_and_vacuums(engine, "jobs")
         assert vacuumed_after == vacuumed_before + 1
         assert dead_after == 0
     finally:

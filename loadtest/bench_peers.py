@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.databases import fresh_database, server_url
-from loadtest.peers import LATENCY_SAMPLES, Peer, RunResult
+from loadtest.peers import LATENCY_SAMPLES, Peer, RunResult, figure, ratio
 from loadtest.peers.celery_peer import CeleryPeer
 from loadtest.peers.ours import Ours, OursWideNode
 from loadtest.peers.pgqueuer_peer import PgQueuerPeer
@@ -87,16 +87,6 @@ async def measure_all(names: list[str], jobs: int, samples: int, rounds: int) ->
     return results
 
 
-def _fmt(value: float | None, unit: str = "") -> str:
-    if value is None:
-        return "—"
-    return f"{value:,.0f}{unit}" if value >= 100 else f"{value:.2f}{unit}"
-
-
-def _ratio(ours: float | None, theirs: float | None) -> str:
-    return f"{ours / theirs:.2f}×" if ours is not None and theirs else "—"
-
-
 def tables(names: list[str], summaries: dict[str, dict[str, Any]], jobs: int, rounds: int) -> str:
     labels = {name: PEERS[name].name for name in names}
     lines = [
@@ -107,10 +97,9 @@ def tables(names: list[str], summaries: dict[str, dict[str, Any]], jobs: int, ro
     ]
     for name in names:
         s = summaries[name]
-        rates = " | ".join(_fmt(s[key], " /s") for key, _ in RATES)
-        lines.append(
-            f"| {labels[name]} | {rates} | {_fmt(s['latency_p50_ms'], ' ms')} | {_fmt(s['latency_p99_ms'], ' ms')} |"
-        )
+        rates = " | ".join(figure(s[key], " /s") for key, _ in RATES)
+        latencies = f"{figure(s['latency_p50_ms'], ' ms')} | {figure(s['latency_p99_ms'], ' ms')}"
+        lines.append(f"| {labels[name]} | {rates} | {latencies} |")
     peers = [name for name in names if not name.startswith("ours")]
     for own in (name for name in names if name.startswith("ours")):
         ours = summaries[own]
@@ -123,9 +112,9 @@ def tables(names: list[str], summaries: dict[str, dict[str, Any]], jobs: int, ro
         ]
         for name in peers:
             s = summaries[name]
-            cells = [_ratio(ours[key], s[key]) for key, _ in RATES]
-            cells += [_ratio(ours["latency_p50_ms"], s["latency_p50_ms"])]
-            cells += [_ratio(ours["latency_p99_ms"], s["latency_p99_ms"])]
+            cells = [ratio(ours[key], s[key]) for key, _ in RATES]
+            cells += [ratio(ours["latency_p50_ms"], s["latency_p50_ms"])]
+            cells += [ratio(ours["latency_p99_ms"], s["latency_p99_ms"])]
             lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

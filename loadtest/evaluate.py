@@ -183,6 +183,26 @@ def peers_section(results: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def ceiling_section(ceilings: dict[str, Any], peers: dict[str, Any] | None) -> list[str]:
+    from loadtest.bench_ceiling import table
+
+    return [
+        "## What the schema allows",
+        "",
+        "Method: `python -m loadtest.bench_ceiling` — the rows SPEC asks of every job (the job, its log rows,",
+        "its job.updated notice; a drain round also the attempt rows and the node's use) written with as few",
+        "statements as SQL allows, by pgbench (no Python client, no plan, no handler) on a fresh database of the",
+        "service's own schema, indexes and triggers, over one connection, a LISTEN connection taking the notices;",
+        f"median of {ceilings['runs']} runs of {ceilings['seconds']:g} s each, taken in turn. Ours and the fastest",
+        "peer are the medians of the table above. Ours / schema is what our client costs (Python, and the checks,",
+        "reads and positions this SQL leaves out); schema / fastest peer below 1× means that no client of this",
+        "schema matches that peer on this machine.",
+        "",
+        table(ceilings["workloads"], peers["peers"] if peers else None),
+        "",
+    ]
+
+
 def _peer_notes(peers: dict[str, Any]) -> list[str]:
     """What the runs noted about a peer (a measure it does not offer, how it acknowledges)."""
     lines = [
@@ -295,11 +315,15 @@ def main() -> None:
         *simulator_section(run_module("loadtest.bench_simulator", "--generated", args.generated)),
         *service_section(run_module("loadtest.bench_service")),
         *scale_section(run_module("loadtest.bench_scale", "--reps", "100")),
-        *peers_section(
-            run_module("loadtest.bench_peers", "--jobs", args.peer_jobs)
-            if all(installed(m) for m in ("pgqueuer", "procrastinate", "celery"))
-            else None
-        ),
+    ]
+    peers = (
+        run_module("loadtest.bench_peers", "--jobs", args.peer_jobs)
+        if all(installed(m) for m in ("pgqueuer", "procrastinate", "celery"))
+        else None
+    )
+    lines += [
+        *peers_section(peers),
+        *ceiling_section(run_module("loadtest.bench_ceiling"), peers),
         *agreement_section(run_module("loadtest.bench_agreement")),
         *locust_section(
             run_module("loadtest.bench_locust", "--seconds", args.locust_seconds) if installed("locust") else None

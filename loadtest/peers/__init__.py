@@ -20,6 +20,17 @@ DRAIN_TIMEOUT_SECONDS: Final = 600.0  # a drain that takes longer is a failed me
 START_TIMEOUT_SECONDS: Final = 10.0  # one job not started within this is a failed latency sample
 
 
+def figure(value: float | None, unit: str = "") -> str:
+    """A measured figure for a table; a dash for a measure not taken."""
+    if value is None:
+        return "—"
+    return f"{value:,.0f}{unit}" if value >= 100 else f"{value:.2f}{unit}"
+
+
+def ratio(ours: float | None, theirs: float | None) -> str:
+    return f"{ours / theirs:.2f}×" if ours is not None and theirs else "—"
+
+
 @dataclass
 class RunResult:
     """One run's figures; a None rate is a measure the peer does not offer."""

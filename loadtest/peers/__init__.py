@@ -28,6 +28,7 @@ def figure(value: float | None, unit: str = "") -> str:
 
 
 def ratio(ours: float | None, theirs: float | None) -> str:
+    """Ours over theirs for a table; a dash when either was not measured."""
     return f"{ours / theirs:.2f}×" if ours is not None and theirs else "—"
 
 

@@ -244,6 +244,15 @@ async def jobs_table(database_url: str) -> dict[str, float]:
     return {key: float(value) for key, value in row.items()}
 
 
+def jobs_table_cell(table: dict[str, float]) -> str:
+    """What `jobs_table` found, as a table cell (this benchmark's table and the evaluation's)."""
+    return (
+        f"{table['live_rows']:,.0f} live rows, {table['dead_rows']:,.0f} dead row versions "
+        f"({table['vacuums']:.0f} VACUUMs by the leader, {table['autovacuums']:.0f} by autovacuum); "
+        f"{table['total_mb']:.0f} MB with its indexes, the ready-queue index {table['ready_index_mb']:.1f} MB"
+    )
+
+
 def _status_filter(*statuses: str) -> list[tuple[str, str]]:
     """The query of a one-item page of jobs in any of `statuses`: is any left?"""
     return [*(("status", status) for status in statuses), ("limit", "1")]
@@ -299,12 +308,7 @@ def main() -> None:
             f"| service RSS before / after {rss['jobs']:,} jobs | {rss['before_mb']:.0f} / {rss['after_mb']:.0f} MB "
             f"(+{rss['growth_mb']:.1f} MB) |"
         )
-    table = results["jobs_table"]
-    print(
-        f"| jobs table afterwards | {table['live_rows']:,.0f} live rows, {table['dead_rows']:,.0f} dead "
-        f"({table['vacuums']:.0f} VACUUMs, {table['autovacuums']:.0f} by autovacuum); {table['total_mb']:.0f} MB "
-        f"with its indexes, ready-queue index {table['ready_index_mb']:.1f} MB |"
-    )
+    print(f"| jobs table afterwards | {jobs_table_cell(results['jobs_table'])} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
 

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench_service import ACCEPT_LABELS
+from loadtest.bench_service import ACCEPT_LABELS, jobs_table_cell
 from simulator.charts import write_charts
 from simulator.runner import run_scenario
 from simulator.scenario import load_scenario
@@ -129,12 +129,7 @@ def service_section(results: dict[str, Any]) -> list[str]:
             else []
         ),
         *(
-            [
-                f"| jobs table after all of the above | {table['live_rows']:,.0f} live rows, "
-                f"{table['dead_rows']:,.0f} dead row versions ({table['vacuums']:.0f} VACUUMs by the leader, "
-                f"{table['autovacuums']:.0f} by autovacuum); {table['total_mb']:.0f} MB with its indexes, "
-                f"the ready-queue index {table['ready_index_mb']:.1f} MB |"
-            ]
+            [f"| jobs table after all of the above | {jobs_table_cell(table)} |"]
             if (table := results.get("jobs_table"))
             else []
         ),

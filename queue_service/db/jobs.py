@@ -164,7 +164,8 @@ async def submit(
         except _LostRace:
             continue
         except _GeneratedIdsTaken as taken:
-            specs = [_redrawn(spec) if spec.job_id in taken.job_ids else spec for spec in specs]
+            # Drawn again, and kept apart from the batch's other ids as the first draws were.
+            specs = _distinct_generated_ids([_redrawn(s) if s.job_id in taken.job_ids else s for s in specs])
     raise RuntimeError(f"submission lost {RACE_ATTEMPTS} races in a row to concurrent identical submissions")
 
 

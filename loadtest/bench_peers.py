@@ -32,6 +32,7 @@ from loadtest.peers.celery_peer import CeleryPeer
 from loadtest.peers.ours import Ours, OursWideNode
 from loadtest.peers.pgqueuer_peer import PgQueuerPeer
 from loadtest.peers.procrastinate_peer import ProcrastinatePeer
+from queue_service.cli import freeze_startup_objects
 
 PEERS: dict[str, type[Peer]] = {
     "ours": Ours,
@@ -131,6 +132,8 @@ def main() -> None:
     unknown = [name for name in names if name not in PEERS]
     if unknown:
         parser.error(f"unknown peers: {', '.join(unknown)}")
+    # Every queue runs in this process, built by now: frozen as `taskqueue` freezes its own.
+    freeze_startup_objects()
     results = asyncio.run(measure_all(names, args.jobs, args.samples, args.runs))
     summaries = {name: summarise(runs) for name, runs in results.items()}
     print(tables(names, summaries, args.jobs, args.runs))

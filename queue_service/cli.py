@@ -147,12 +147,17 @@ def _run_http(settings: Settings, host: str, port: int, *, run_worker: bool) -> 
         log_config=None,  # keep our JSON logging; uvicorn's loggers propagate to it
         timeout_graceful_shutdown=HTTP_DRAIN_SECONDS,
     )
-    # What is built by now (every module, the app and its schemas) lives as long as the
-    # process: kept out of the collector's view, a full collection no longer walks it
-    # on a request's time.
+    freeze_startup_objects()
+    run_on_fastest_loop(_serve_http(_Server(config)))
+
+
+def freeze_startup_objects() -> None:
+    """What is built by now (every module, an app and its schemas) lives as long as the
+    process: kept out of the collector's view, a full collection no longer walks it on a
+    request's or a job's time (in a node draining short jobs, a twentieth of the time
+    went to walking it)."""
     gc.collect()
     gc.freeze()
-    run_on_fastest_loop(_serve_http(_Server(config)))
 
 
 async def _run_worker(settings: Settings) -> None:
@@ -203,6 +208,7 @@ def worker(
     """One worker node only. Without DATABASE_URL it joins the embedded server in the data folder."""
     configure_logging(log_level)
     settings = load_settings(node_cpu_units=cpu_units, node_memory_mb=memory_mb, node_id=node_id)
+    freeze_startup_objects()
     run_on_fastest_loop(_run_worker(settings))
 
 

@@ -30,6 +30,7 @@ from queue_service.db.events import (
     StatusChange,
     announce,
     compact_json,
+    iso_z,
     log_arrays,
     write_log,
 )
@@ -134,19 +135,17 @@ _READ_SQL = driver.Statement(
 # More of the window, when the first read left the node room (policy.is_complete).
 _WINDOW_SQL = driver.Statement(sa.text("SELECT * FROM ready_window(:window)"))
 
-# Starting the chosen jobs is one statement: the jobs, their attempt rows, the node's
-# use, the log and the announcements (delivered at commit), all from arrays, in the
-# function `start_attempts` (migration 0006), which keeps one generic plan where the
-# statement sent as such was planned again at every execution.
+# Starting the chosen jobs is one statement: the jobs, their attempt rows and the node's
+# use from arrays, and the log entries and announcements (delivered at commit) the
+# function `start_attempts` builds from them (migrations 0006 and 0007). It keeps one
+# generic plan where the statement sent as such was planned again at every execution.
 _START_SQL = driver.Statement(
     sa.text(
         """
     SELECT started_payloads AS payloads, announcements AS announced FROM start_attempts(
         CAST(:ids AS text[]), CAST(:tokens AS uuid[]), CAST(:numbers AS integer[]), CAST(:cpu AS integer[]),
-        CAST(:memory AS integer[]), CAST(:now AS timestamptz), CAST(:node AS text), CAST(:lease_until AS timestamptz),
-        CAST(:log_jobs AS text[]), CAST(:log_attempts AS integer[]), CAST(:log_levels AS text[]),
-        CAST(:log_events AS text[]), CAST(:log_messages AS text[]), CAST(:log_data AS text[]),
-        CAST(:channel AS text), CAST(:notice_jobs AS text[]), CAST(:notice_payloads AS text[])
+        CAST(:memory AS integer[]), CAST(:passed AS text[]), CAST(:now AS timestamptz), CAST(:at AS text),
+        CAST(:node AS text), CAST(:lease_until AS timestamptz), CAST(:channel AS text)
     )
     """
     )
@@ -216,30 +215,23 @@ async def start_planned(
         return []
     tokens = {s.job_id: uuid.uuid4() for s in starts}
     numbers = {s.job_id: queued[s.job_id].attempts + 1 for s in starts}  # _START_SQL starts it only if still so
-    entries, changes = [], []
-    for start in starts:
-        row, attempt = queued[start.job_id], numbers[start.job_id]
-        how = f"backfilled past {start.passed.job_id}" if start.passed else "in queue order"
-        data = {"node": node_id, "cpu_units": row.cpu_units, "memory_mb": row.memory_mb, "backfill": start.backfilled}
-        entries.append(LogEntry(row.job_id, "dispatched", f"to {node_id} ({how})", now, attempt, data=data))
-        entries.append(LogEntry(row.job_id, "started", f"attempt {attempt} started", now, attempt))
-        changes.append(StatusChange(row.job_id, row.type, row.priority, "running", "ready", attempt, now))
+    # The function writes each start's `dispatched` and `started` entries and its
+    # job.updated (events.StatusChange's payload, with `at` as iso_z renders it).
     result = await driver.one(
         conn,
         _START_SQL,
         {
             "ids": list(tokens),
             "tokens": list(tokens.values()),
-            "numbers": [numbers[job_id] for job_id in tokens],
+            "numbers": list(numbers.values()),
             "cpu": [s.resources.cpu_units for s in starts],
             "memory": [s.resources.memory_mb for s in starts],
+            "passed": [s.passed.job_id if s.passed else None for s in starts],
             "now": now,
+            "at": iso_z(now),
             "node": node_id,
             "lease_until": now + timedelta(seconds=lease_seconds),
-            **log_arrays(entries),
             "channel": CHANNEL,
-            "notice_jobs": [c.job_id for c in changes],
-            "notice_payloads": [compact_json(c.payload()) for c in changes],
         },
     )
     started = result.payloads or {}  # a job another node started meanwhile is not among them

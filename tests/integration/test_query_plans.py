@@ -383,8 +383,8 @@ async def test_starting_a_job_looks_it_up_by_key_whatever_the_statistics(
             " heartbeat_at) VALUES ('n', 8, 4096, 0, 0, 'active', now(), now())"
         )
         start = (
-            "SELECT * FROM start_attempts(ARRAY[$1], ARRAY[gen_random_uuid()], ARRAY[1], ARRAY[1], ARRAY[1], now(),"
-            " 'n', now() + interval '30 seconds', '{}', '{}', '{}', '{}', '{}', '{}', 'jobs', '{}', '{}')"
+            "SELECT * FROM start_attempts(ARRAY[$1], ARRAY[gen_random_uuid()], ARRAY[1], ARRAY[1], ARRAY[1],"
+            " ARRAY[NULL], now(), 'at', 'n', now() + interval '30 seconds', 'jobs')"
         )
         started = await connection.fetchrow(start, "burst_05000")  # the plan is made here, then kept
         # auto_explain reports the plan of the statement inside the function, sent to us as a log message.

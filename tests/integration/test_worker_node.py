@@ -17,11 +17,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from queue_service.core.model import AttemptOutcome, Priority, Resources
-from queue_service.core.policy import PolicyConfig, sort_key
+from queue_service.core.policy import PolicyConfig, Reservation, Start, sort_key
 from queue_service.core.validation import parse_job_spec
 from queue_service.db import attempts, jobs
 from queue_service.db.attempts import AttemptEnd
 from queue_service.db.engine import asyncpg_dsn, autocommit, create_engine
+from queue_service.db.events import StatusChange
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings, normalize_database_url
 from queue_service.worker.leader import Leader
@@ -549,3 +550,60 @@ async def test_a_heartbeat_locks_jobs_in_the_order_the_recorder_does(
         assert await asyncio.wait_for(heartbeat, 5) == set(tokens.values())
     finally:
         await recorder.close()
+
+
+async def test_a_start_logs_and_announces_each_job_as_the_log_and_stream_promise(
+    engine: AsyncEngine, clean: None, migrated_url: str
+) -> None:
+    """The start function writes each job's `dispatched` and `started` entries (saying
+    whether it went in queue order or backfilled past whom) and announces it with the
+    payload events.StatusChange gives, in the order of the plan."""
+    node_id = "logging-node"
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO nodes (node_id, cpu_capacity, memory_capacity, cpu_used, memory_used, status,"
+                " started_at, heartbeat_at) VALUES (:node, 8, 4096, 0, 0, 'active', now(), now())"
+            ),
+            {"node": node_id},
+        )
+    await insert_ready(engine, [{"job_id": "job_b", "priority": "high"}, {"job_id": "job_a", "cpu": 2, "memory": 256}])
+    heard: list[dict[str, Any]] = []
+    listening = await asyncpg.connect(asyncpg_dsn(normalize_database_url(migrated_url)))
+    await listening.add_listener("taskqueue_events", lambda *args: heard.append(json.loads(args[-1])))
+    now = datetime.now(UTC)
+    queued = {
+        job_id: attempts.Queued(job_id, "work", priority, 0, 0.0, cpu, memory, 30.0, now)
+        for job_id, priority, cpu, memory in (("job_b", "high", 1, 128), ("job_a", "normal", 2, 256))
+    }
+    passed = Reservation("job_x", now.timestamp() + 60, Resources(1, 128))
+    starts = [Start("job_b", Resources(1, 128), 0.0), Start("job_a", Resources(2, 256), 0.0, passed)]
+    try:
+        async with autocommit(engine) as conn:
+            claims = await attempts.start_planned(conn, node_id, starts, queued, now, 30)
+        async with asyncio.timeout(10):
+            while len([m for m in heard if m.get("event") == "job.updated"]) < 2:
+                await asyncio.sleep(0.01)
+    finally:
+        await listening.close()
+    assert [(c.job_id, c.attempt, c.backfilled) for c in claims] == [("job_b", 1, False), ("job_a", 1, True)]
+    expected = [
+        StatusChange(job_id, "work", priority, "running", "ready", 1, now).payload()
+        for job_id, priority in (("job_b", "high"), ("job_a", "normal"))
+    ]
+    assert [m for m in heard if m.get("event") == "job.updated"] == expected
+    async with engine.connect() as conn:
+        rows = (
+            await conn.execute(
+                sa.text("SELECT job_id, attempt, level, event, message, data, at FROM job_events ORDER BY id")
+            )
+        ).all()
+    assert [tuple(row[:6]) for row in rows if row.event in ("dispatched", "started")] == [
+        ("job_b", 1, "info", "dispatched", f"to {node_id} (in queue order)",
+         {"node": node_id, "cpu_units": 1, "memory_mb": 128, "backfill": False}),
+        ("job_b", 1, "info", "started", "attempt 1 started", {}),
+        ("job_a", 1, "info", "dispatched", f"to {node_id} (backfilled past job_x)",
+         {"node": node_id, "cpu_units": 2, "memory_mb": 256, "backfill": True}),
+        ("job_a", 1, "info", "started", "attempt 1 started", {}),
+    ]  # fmt: skip
+    assert {row.at for row in rows if row.event in ("dispatched", "started")} == {now}

@@ -3,8 +3,8 @@
 `start_attempts` took each start's two log entries (`dispatched`, `started`) and its
 job.updated announcement as parallel arrays the node had built: per job, two entries
 with their data, a notice rendered to JSON, eight array elements encoded by the
-driver and unnested again by the server. A node draining short jobs spent a fifth
-of its time there. The function now builds them from what it is given anyway (the
+driver and unnested again by the server. Built here instead, a 64-unit node drains
+no-op jobs about an eighth faster. The function now builds them from what it is given anyway (the
 ids, attempt numbers and resources) and one more array, the job each backfill passed
 (NULL in queue order): the entries and the announcement read as before, the latter's
 `type` and `priority` taken from the row it updates.

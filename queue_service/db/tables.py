@@ -486,10 +486,10 @@ $$
 """
 # A claim's start: the planned jobs to running, their attempt rows, the node's use,
 # from arrays, and the log entries and announcements it builds from them (migration
-# 0007: built by the node, they were a fifth of its time). One generic plan per session where the
-# statement sent as such was planned afresh at every execution (half its cost for the
-# one job an idle node starts); a generic plan is made from whatever statistics there
-# were, so only key lookups and nested loops are allowed (migration 0006 tells why).
+# 0007 tells why). One generic plan per session where the statement sent as such was
+# planned afresh at every execution (half its cost for the one job an idle node
+# starts); a generic plan is made from whatever statistics there were, so only key
+# lookups and nested loops are allowed (migration 0006 tells why).
 START_ATTEMPTS_FUNCTION: Final = """
 CREATE FUNCTION start_attempts(
     ids text[], tokens uuid[], numbers integer[], cpu integer[], memory integer[], passed text[],

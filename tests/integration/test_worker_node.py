@@ -113,6 +113,18 @@ async def insert_ready(engine: AsyncEngine, jobs: list[dict[str, Any]]) -> None:
         await conn.execute(sa.text("SELECT pg_notify('taskqueue_events', '{\"event\": \"dispatch.wake\"}')"))
 
 
+async def insert_active_node(engine: AsyncEngine, node_id: str) -> None:
+    """An active node of the default size using nothing, as registration leaves it."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.text(
+                "INSERT INTO nodes (node_id, cpu_capacity, memory_capacity, cpu_used, memory_used, status,"
+                " started_at, heartbeat_at) VALUES (:node, 8, 4096, 0, 0, 'active', now(), now())"
+            ),
+            {"node": node_id},
+        )
+
+
 async def wait_for(engine: AsyncEngine, sql: str, expected: object, timeout: float = 20.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     value: object = None
@@ -512,14 +524,7 @@ async def test_a_heartbeat_locks_jobs_in_the_order_the_recorder_does(
     deadlocked: each held a job the other waited for (seen in a 64-unit drain), and the
     deadlock check held both for a second before failing one."""
     node_id = "beating"
-    async with engine.begin() as conn:
-        await conn.execute(
-            sa.text(
-                "INSERT INTO nodes (node_id, cpu_capacity, memory_capacity, cpu_used, memory_used, status,"
-                " started_at, heartbeat_at) VALUES (:node, 8, 4096, 0, 0, 'active', now(), now())"
-            ),
-            {"node": node_id},
-        )
+    await insert_active_node(engine, node_id)
     await insert_ready(engine, [{"job_id": "job_a"}, {"job_id": "job_b"}])
     async with autocommit(engine) as conn:
         claimed = await attempts.claim_round(conn, node_id, lambda: datetime.now(UTC), Settings().policy_config(), 30)
@@ -559,14 +564,7 @@ async def test_a_start_logs_and_announces_each_job_as_the_log_and_stream_promise
     whether it went in queue order or backfilled past whom) and announces it with the
     payload events.StatusChange gives, in the order of the plan."""
     node_id = "logging-node"
-    async with engine.begin() as conn:
-        await conn.execute(
-            sa.text(
-                "INSERT INTO nodes (node_id, cpu_capacity, memory_capacity, cpu_used, memory_used, status,"
-                " started_at, heartbeat_at) VALUES (:node, 8, 4096, 0, 0, 'active', now(), now())"
-            ),
-            {"node": node_id},
-        )
+    await insert_active_node(engine, node_id)
     await insert_ready(engine, [{"job_id": "job_b", "priority": "high"}, {"job_id": "job_a", "cpu": 2, "memory": 256}])
     heard: list[dict[str, Any]] = []
     listening = await asyncpg.connect(asyncpg_dsn(normalize_database_url(migrated_url)))

@@ -135,7 +135,11 @@ class Settings(BaseSettings):
     )
     strict_handlers: bool = False
 
-    db_pool_size: int = Field(default=DEFAULT_DB_POOL_SIZE, ge=1)
+    db_pool_size: int = Field(
+        default=DEFAULT_DB_POOL_SIZE,
+        ge=1,
+        description="connections kept by each of a process's two pools (units of work; single statements)",
+    )
     db_max_overflow: int = Field(default=DEFAULT_DB_MAX_OVERFLOW, ge=0)
     db_connect_timeout_seconds: float = Field(default=DEFAULT_DB_CONNECT_TIMEOUT_SECONDS, gt=0)
     db_command_timeout_seconds: float | None = Field(

@@ -6,8 +6,10 @@ answers a trivial query in 0.13 ms, and a BEGIN/COMMIT pair through it costs as 
 again: more than PostgreSQL's own work on a submission or a claim. So the statements
 every job passes through (submit, claim, start, close) are compiled once from their
 `sa.text` into asyncpg's positional form and executed on the driver connection
-underneath the pooled SQLAlchemy one: same pool, same connection settings, same
-codecs (JSON decoded), in the same transaction as any SQLAlchemy statement beside them.
+underneath the pooled SQLAlchemy one: same connection settings, same codecs (JSON
+decoded), in the same transaction as any SQLAlchemy statement beside them. A
+statement that is its own transaction runs on a connection of the engine's driver
+pool instead (`pooled`).
 
 A driver error becomes the SQLAlchemy error SQLAlchemy would have raised
 (`IntegrityError` carrying the asyncpg error as `orig`, so `translate_errors` and
@@ -18,19 +20,22 @@ is invalidated so the pool does not hand it out again).
 from __future__ import annotations
 
 import contextlib
+import json
+import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
 import asyncpg
 import sqlalchemy as sa
+from asyncpg.pool import PoolConnectionProxy
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
-from sqlalchemy.pool import PoolProxiedConnection
-from sqlalchemy.util import greenlet_spawn
+from sqlalchemy.util import await_only
 
-from queue_service.db.engine import autocommit
+from queue_service.db.engine import POOL_RECYCLE_SECONDS, POOL_TIMEOUT_SECONDS, autocommit, driver_pool_spec
 
 
 class Row(asyncpg.Record):
@@ -66,21 +71,22 @@ class Statement:
 
 
 class Pooled:
-    """A connection straight from the engine's pool, for driver statements that are each
-    their own transaction (a submission, a job read, an idle node's claim): the pool's
-    checkout without SQLAlchemy's Connection and its AUTOCOMMIT option around it, which
-    cost 0.06 ms a checkout, as much as the Python side of the statement it served."""
+    """A connection of the engine's driver pool, for driver statements that are each
+    their own transaction (a submission, a job read, an idle node's claim and start)."""
 
-    __slots__ = ("_proxied", "raw")
+    __slots__ = ("raw",)
 
-    def __init__(self, proxied: PoolProxiedConnection, raw: asyncpg.Connection) -> None:
-        self._proxied = proxied
+    def __init__(self, raw: PoolConnectionProxy) -> None:
         self.raw = raw
 
-    async def invalidate(self, exception: BaseException | None = None) -> None:
+    async def invalidate(self, exception: BaseException | None = None) -> None:  # Executor's signature
         """Discard the connection: the pool opens a new one instead."""
-        await greenlet_spawn(self._proxied.invalidate, exception)
+        with contextlib.suppress(asyncpg.InterfaceError):  # ended by the server: already discarded
+            self.raw.terminate()
 
+
+# A driver connection: the one under a SQLAlchemy connection, or one of the driver pool.
+DriverConnection = asyncpg.Connection | PoolConnectionProxy
 
 # What the statements below run on: a SQLAlchemy connection (in a transaction or in
 # autocommit mode) or a bare pooled one.
@@ -89,15 +95,92 @@ Executor = AsyncConnection | Pooled
 
 @asynccontextmanager
 async def pooled(engine: AsyncEngine) -> AsyncIterator[Pooled]:
-    """A pooled connection on which each driver statement is its own transaction (no
-    SQLAlchemy statement runs on it: it has no SQLAlchemy Connection)."""
-    proxied = await engine.raw_connection()
+    """A connection on which each driver statement is its own transaction (no SQLAlchemy
+    statement runs on it), from the engine's driver pool.
+
+    Why a pool beside SQLAlchemy's: its checkout and return cost 0.3 ms of Python a use
+    (the greenlet bridge, the pool's events and reset), as much as the statement each
+    served on the paths that wait on one statement: a lone submission, an idle node's
+    start. asyncpg's pool hands a connection out and takes it back without a round
+    trip (its reset, a round trip by default, is left out: a statement here leaves no
+    session state, and a transaction still open is rolled back on return all the same)."""
+    pool = _DRIVER_POOLS.get(engine.sync_engine) or await _open_driver_pool(engine)
     try:
-        yield Pooled(proxied, _asyncpg_of(proxied.driver_connection))
+        connection = await pool.acquire(timeout=POOL_TIMEOUT_SECONDS)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as error:
+        # As SQLAlchemy's pool reports a server it cannot reach (the API answers 503).
+        raise sa_exc.OperationalError("connect", None, error) from error
+    try:
+        yield Pooled(connection)
     finally:
-        # The pool's reset on return sends nothing here (the driver adapter began no
-        # transaction); a connection invalidated above is discarded, not pooled again.
-        await greenlet_spawn(proxied.close)
+        await pool.release(connection)
+
+
+_DRIVER_POOLS: Final[weakref.WeakKeyDictionary[Engine, asyncpg.Pool]] = weakref.WeakKeyDictionary()
+
+
+async def _open_driver_pool(engine: AsyncEngine) -> asyncpg.Pool:
+    spec = driver_pool_spec(engine)
+    if spec is None:
+        raise ValueError("driver.pooled needs an engine from db.engine.create_engine")
+    # No connection is opened before it is needed (min_size 0): a process that never
+    # makes a single statement holds none, and none outlives its database in the tests.
+    pool = await asyncpg.create_pool(
+        spec.dsn,
+        min_size=0,
+        max_size=spec.max_size,
+        max_inactive_connection_lifetime=POOL_RECYCLE_SECONDS,
+        init=_decode_json_as_sqlalchemy_does,
+        reset=_keep_session,
+        **spec.connect_kwargs,
+    )
+    existing = _DRIVER_POOLS.setdefault(engine.sync_engine, pool)
+    if existing is not pool:  # another task opened one meanwhile
+        await pool.close()
+        return existing
+    # Disposing of the engine closes it (the event runs inside SQLAlchemy's greenlet,
+    # where await_only may wait on the driver).
+    sa.event.listen(engine.sync_engine, "engine_disposed", lambda _engine: await_only(_close_driver_pool(_engine)))
+    return pool
+
+
+def driver_pool_sizes(engine: AsyncEngine) -> tuple[int, int] | None:
+    """The engine's driver pool's open and idle connections; None before its first use."""
+    pool = _DRIVER_POOLS.get(engine.sync_engine)
+    return None if pool is None else (pool.get_size(), pool.get_idle_size())
+
+
+async def _close_driver_pool(engine: Engine) -> None:
+    pool = _DRIVER_POOLS.pop(engine, None)
+    if pool is not None:
+        await pool.close()
+
+
+async def _decode_json_as_sqlalchemy_does(connection: asyncpg.Connection) -> None:
+    """json and jsonb as the engine's connections read and write them (its asyncpg
+    dialect's codecs): a parameter is JSON text, a value comes back decoded."""
+    await connection.set_type_codec(
+        "json", encoder=str.encode, decoder=_decode_json, schema="pg_catalog", format="binary"
+    )
+    await connection.set_type_codec(
+        "jsonb", encoder=_encode_jsonb, decoder=_decode_jsonb, schema="pg_catalog", format="binary"
+    )
+
+
+def _decode_json(value: bytes) -> Any:
+    return json.loads(value.decode())
+
+
+def _encode_jsonb(text: str) -> bytes:
+    return b"\x01" + text.encode()  # jsonb's binary form: a version byte, then the text
+
+
+def _decode_jsonb(value: bytes) -> Any:
+    return json.loads(value[1:].decode())
+
+
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    """The pool's reset: nothing to send (see pooled)."""
 
 
 def _asyncpg_of(connection: object) -> asyncpg.Connection:
@@ -166,7 +249,7 @@ async def _driver_connection(conn: AsyncConnection) -> asyncpg.Connection:
     return _asyncpg_of((await conn.get_raw_connection()).driver_connection)
 
 
-async def _in_units_of_work(conn: Executor) -> asyncpg.Connection:
+async def _in_units_of_work(conn: Executor) -> DriverConnection:
     """The driver connection, inside `conn`'s transaction if it has one.
 
     SQLAlchemy sends BEGIN lazily, with its first statement: on a connection from
@@ -183,15 +266,25 @@ async def _in_units_of_work(conn: Executor) -> asyncpg.Connection:
 
 
 @asynccontextmanager
-async def _translated(conn: Executor, raw: asyncpg.Connection, sql: str, arguments: Any) -> AsyncIterator[None]:
+async def _translated(conn: Executor, raw: DriverConnection, sql: str, arguments: Any) -> AsyncIterator[None]:
     # InternalClientError is what asyncpg raises when the server ends the connection
     # while a statement is being prepared (a race: about one termination in thirty).
     try:
         yield
     except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError) as error:
-        if raw.is_closed():
+        closed = _is_closed(raw)
+        if closed:
             await conn.invalidate(error)  # the pool must not hand a dead connection out again
-        raise _as_sqlalchemy(error, sql, arguments, raw_closed=raw.is_closed()) from error
+        raise _as_sqlalchemy(error, sql, arguments, raw_closed=closed) from error
+
+
+def _is_closed(raw: DriverConnection) -> bool:
+    """Whether the connection is gone. A driver pool's connection the server ended has
+    already gone back to its pool, which then refuses every call on it."""
+    try:
+        return raw.is_closed()
+    except asyncpg.InterfaceError:
+        return True
 
 
 def _as_sqlalchemy(error: Exception, sql: str, arguments: Any, *, raw_closed: bool) -> sa_exc.DBAPIError:

@@ -10,12 +10,14 @@ imports asyncpg or inspects SQLSTATEs.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from typing import Final, Protocol, cast
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, cast
 
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -49,16 +51,42 @@ INTEGRITY_CLASS: Final = "23"
 _KEY_DETAIL = re.compile(r"Key \((?P<columns>[^)]*)\)=\((?P<values>.*)\)")
 
 
+@dataclass(frozen=True)
+class DriverPoolSpec:
+    """How `driver.pooled` opens the connections of its own pool for an engine: the
+    engine's server, settings and timeouts (see driver.pooled for why it has one)."""
+
+    dsn: str
+    max_size: int
+    connect_kwargs: Mapping[str, Any]
+
+
+# Engines made by create_engine, and what their driver pool is made of.
+_DRIVER_POOL_SPECS: Final[weakref.WeakKeyDictionary[Engine, DriverPoolSpec]] = weakref.WeakKeyDictionary()
+
+
+def driver_pool_spec(engine: AsyncEngine) -> DriverPoolSpec | None:
+    """The driver pool an engine from create_engine has; None for an engine made elsewhere."""
+    return _DRIVER_POOL_SPECS.get(engine.sync_engine)
+
+
 def create_engine(settings: Settings, url: str | None = None, *, application_name: str | None = None) -> AsyncEngine:
     """An asyncpg engine for `url` (else `settings.database_url`), pooled as configured.
 
     `url` is how a caller passes the embedded server's URL, which exists only once
-    the server is started. Any PostgreSQL URL form is accepted.
+    the server is started. Any PostgreSQL URL form is accepted. The engine's single
+    statements (`driver.pooled`) get a pool of their own of up to `db_pool_size`
+    connections, opened on demand with the same settings and closed with the engine.
     """
     raw = url if url is not None else settings.database_url
     if raw is None:
         raise ValueError("no database URL: set DATABASE_URL or start the embedded server and pass its URL")
-    return create_async_engine(
+    connect_kwargs = {
+        "server_settings": {**SERVER_SETTINGS, "application_name": application_name or DEFAULT_APPLICATION_NAME},
+        "timeout": settings.db_connect_timeout_seconds,
+        "command_timeout": settings.db_command_timeout_seconds,
+    }
+    engine = create_async_engine(
         normalize_database_url(raw),
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
@@ -71,12 +99,10 @@ def create_engine(settings: Settings, url: str | None = None, *, application_nam
         # No pre-ping: it costs three extra round trips per checkout on the hot path. A
         # connection the server dropped fails once, is invalidated by SQLAlchemy, and the
         # callers (worker loops, API deadlock/availability handling) retry.
-        connect_args={
-            "server_settings": {**SERVER_SETTINGS, "application_name": application_name or DEFAULT_APPLICATION_NAME},
-            "timeout": settings.db_connect_timeout_seconds,
-            "command_timeout": settings.db_command_timeout_seconds,
-        },
+        connect_args=connect_kwargs,
     )
+    _DRIVER_POOL_SPECS[engine.sync_engine] = DriverPoolSpec(asyncpg_dsn(raw), settings.db_pool_size, connect_kwargs)
+    return engine
 
 
 @asynccontextmanager

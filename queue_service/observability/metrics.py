@@ -33,7 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import QueuePool
 
 from queue_service.core.model import AttemptOutcome, JobStatus
-from queue_service.db import attempts, insight
+from queue_service.db import attempts, driver, insight
 from queue_service.db.attempts import AttemptEnd, Claim
 from queue_service.db.events import JOB_UPDATED
 from queue_service.db.insight import Depth, NodeUsage
@@ -140,15 +140,23 @@ def _node_gauges(nodes: list[NodeUsage]) -> Iterable[Metric]:
 
 
 def _pool_gauges(engine: AsyncEngine | None) -> Iterable[Metric]:
-    pool = engine.pool if engine is not None else None
-    if not isinstance(pool, QueuePool):  # the async adapted pool is one; anything else has no sizes
+    if engine is None or not isinstance(engine.pool, QueuePool):  # the async adapted pool is one
         return
+    pool = engine.pool
     yield _gauge("taskqueue_db_pool_size", "connections the pool keeps", [((), pool.size())])
     yield _gauge("taskqueue_db_pool_checked_out", "connections in use by this process", [((), pool.checkedout())])
     yield _gauge("taskqueue_db_pool_checked_in", "idle connections in the pool", [((), pool.checkedin())])
     yield _gauge(
         "taskqueue_db_pool_overflow", "connections beyond pool_size (negative: not yet opened)", [((), pool.overflow())]
     )
+    if (sizes := driver.driver_pool_sizes(engine)) is not None:
+        open_connections, idle = sizes
+        yield _gauge(
+            "taskqueue_db_driver_pool_open",
+            "connections open in the pool of single statements (submissions, job reads, idle starts)",
+            [((), open_connections)],
+        )
+        yield _gauge("taskqueue_db_driver_pool_idle", "idle connections in that pool", [((), idle)])
 
 
 class QueueMetrics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import asyncpg
 import pytest
@@ -11,8 +12,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from queue_service.db import driver
-from queue_service.db.engine import autocommit, translate_errors
+from queue_service.db.engine import autocommit, create_engine, translate_errors
 from queue_service.db.errors import JobIdConflict
+from queue_service.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -143,3 +145,92 @@ async def test_a_unit_cancelled_mid_statement_leaves_no_open_transaction_in_the_
             assert not raw.is_in_transaction()
             assert (await driver.one(conn, driver.Statement(sa.text("SELECT 1 AS one")), {})).one == 1
     assert "driver-f" not in await _node_ids(engine)
+
+
+_APPLICATION = "driver-pool-test"
+
+
+async def _backends_of(raw_connection: asyncpg.Connection, application: str) -> int:
+    count = await raw_connection.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()",
+        application,
+    )
+    assert isinstance(count, int)
+    return count
+
+
+async def test_a_pooled_connection_reads_json_as_the_engine_does(engine: AsyncEngine) -> None:
+    """Rows read through driver.pooled and through a SQLAlchemy connection are the same documents."""
+    select_json = driver.Statement(
+        sa.text(
+            "SELECT CAST(:document AS json) AS plain, CAST(:document AS jsonb) AS binary,"
+            " json_build_array(1, 'two', NULL) AS built"
+        )
+    )
+    document = '{"a": [1, 2.5, "x"], "b": {"c": null}}'
+    async with driver.pooled(engine) as pooled:
+        from_pool = await driver.one(pooled, select_json, {"document": document})
+    async with autocommit(engine) as conn:
+        from_engine = await driver.one(conn, select_json, {"document": document})
+    assert (
+        dict(from_pool)
+        == dict(from_engine)
+        == {
+            "plain": {"a": [1, 2.5, "x"], "b": {"c": None}},
+            "binary": {"a": [1, 2.5, "x"], "b": {"c": None}},
+            "built": [1, "two", None],
+        }
+    )
+
+
+async def test_the_driver_pool_reuses_its_connections_and_closes_them_with_the_engine(
+    migrated_url: str, raw_connection: asyncpg.Connection
+) -> None:
+    engine = create_engine(Settings(database_url=migrated_url, db_pool_size=2), application_name=_APPLICATION)
+    select_pid = driver.Statement(sa.text("SELECT pg_backend_pid() AS pid"))
+    try:
+        assert await _backends_of(raw_connection, _APPLICATION) == 0  # nothing opened before it is needed
+        pids = set()
+        for _ in range(5):
+            async with driver.pooled(engine) as conn:
+                pids.add((await driver.one(conn, select_pid, {})).pid)
+        assert len(pids) == 1  # one after another: the same connection each time
+        assert driver.driver_pool_sizes(engine) == (1, 1)
+    finally:
+        await engine.dispose()
+    for _ in range(50):  # the server notices the goodbye a moment later
+        if await _backends_of(raw_connection, _APPLICATION) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert await _backends_of(raw_connection, _APPLICATION) == 0
+
+
+async def test_a_pooled_connection_the_server_ended_is_an_operational_error_and_not_reused(
+    engine: AsyncEngine, raw_connection: asyncpg.Connection
+) -> None:
+    select_pid = driver.Statement(sa.text("SELECT pg_backend_pid() AS pid"))
+    for _ in range(10):
+        async with driver.pooled(engine) as conn:
+            pid = (await driver.one(conn, select_pid, {})).pid
+            await raw_connection.execute("SELECT pg_terminate_backend($1)", pid)
+            with pytest.raises(sa_exc.OperationalError):
+                await driver.one(conn, select_pid, {})
+        for _ in range(3):
+            async with driver.pooled(engine) as conn:
+                assert (await driver.one(conn, select_pid, {})).pid != pid
+
+
+async def test_a_server_the_driver_pool_cannot_reach_is_an_operational_error() -> None:
+    """What the API answers 503 to, as for SQLAlchemy's own pool."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket is closed
+    engine = create_engine(
+        Settings(database_url=f"postgresql://postgres@127.0.0.1:{port}/none", db_connect_timeout_seconds=2)
+    )
+    try:
+        with pytest.raises(sa_exc.OperationalError):
+            async with driver.pooled(engine) as conn:
+                await driver.one(conn, driver.Statement(sa.text("SELECT 1 AS one")), {})
+    finally:
+        await engine.dispose()

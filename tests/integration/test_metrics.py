@@ -119,6 +119,8 @@ async def test_values_move_as_jobs_run(migrated_url: str) -> None:
     assert value(after, "taskqueue_queue_depth", status="failed", priority="normal") == 1
     assert value(after, "taskqueue_queue_depth", status="ready", priority="normal") == 0
     assert value(after, "taskqueue_node_cpu_used_units", node="metrics-node") == 0
+    # The submissions and the idle node's starts ran on the driver pool, which keeps what it opened.
+    assert value(after, "taskqueue_db_driver_pool_open") >= 1
 
 
 async def test_metrics_need_the_api_key(migrated_url: str) -> None:

@@ -25,7 +25,7 @@ from sqlalchemy.pool import NullPool
 from queue_service.core.model import Resources
 from queue_service.core.policy import PolicyConfig
 from queue_service.core.validation import parse_job_spec
-from queue_service.db import attempts, insight, jobs, migrate
+from queue_service.db import attempts, insight, jobs, migrate, tables
 from queue_service.db.engine import asyncpg_dsn
 from queue_service.settings import normalize_database_url
 
@@ -407,3 +407,19 @@ async def test_starting_a_job_looks_it_up_by_key_whatever_the_statistics(
     assert "ix_jobs_ready_queue" not in plan, plan  # it holds ids after sort keys: a scan of all of it
     assert "Hash Join" not in plan, plan
     assert "Merge Join" not in plan, plan
+
+
+async def test_the_replay_check_finds_ids_and_keys_by_index_in_a_generic_plan(populated_url: str) -> None:
+    """The key's unique index holds only the jobs that have one (migration 0008); the replay
+    check, a prepared statement with arrays it cannot see into, must still use it."""
+    connection = await asyncpg.connect(asyncpg_dsn(populated_url))
+    try:
+        await connection.execute("SET plan_cache_mode = force_generic_plan")
+        await connection.execute(f"PREPARE replays AS {jobs._REPLAYS_SQL.sql}")
+        explained = await connection.fetch("EXPLAIN EXECUTE replays(ARRAY['job_42'], ARRAY['some-key'])")
+    finally:
+        await connection.close()
+    plan = "\n".join(r[0] for r in explained)
+    assert "pk_jobs" in plan, plan
+    assert tables.JOBS_IDEMPOTENCY_KEY_UNIQUE in plan, plan
+    assert "Seq Scan" not in plan, plan

@@ -192,7 +192,7 @@ EXPECTED_INDEXES = {
     "ix_jobs_status_created": "ON public.jobs USING btree (status, created_at DESC, job_id DESC)",
     "ix_jobs_dead_letter": "ON public.jobs USING btree (finished_at DESC, job_id DESC) WHERE (status = 'failed'::text)",
     "ix_job_dependencies_depends_on_job_id": "ON public.job_dependencies USING btree (depends_on_job_id)",
-    "ix_job_events_job_id_id": "ON public.job_events USING btree (job_id, id)",
+    "pk_job_events": "ON public.job_events USING btree (job_id, id)",
     "ux_job_attempts_one_running": "ON public.job_attempts USING btree (job_id) WHERE (outcome IS NULL)",
 }
 

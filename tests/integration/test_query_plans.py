@@ -94,7 +94,7 @@ HOT_PATHS = {
     ),
     "job log": (
         "SELECT * FROM job_events WHERE job_id = 'job_42' ORDER BY id",
-        "ix_job_events_job_id_id",
+        "pk_job_events",
     ),
 }
 

@@ -23,6 +23,7 @@ from queue_service.db import driver, lifecycle
 from queue_service.db.events import (
     CANCEL_ATTEMPT,
     CHANNEL,
+    DISPATCH_PAUSED,
     DISPATCH_RESUMED,
     LOG_INSERT_SQL,
     WAKE_DISPATCH,
@@ -104,8 +105,7 @@ async def set_paused(conn: AsyncConnection, paused: bool) -> None:
         ),
         {"paused": paused},
     )
-    if not paused:
-        await announce(conn, [{"event": DISPATCH_RESUMED}])
+    await announce(conn, [{"event": DISPATCH_RESUMED if not paused else DISPATCH_PAUSED}])
 
 
 # What a claim plans from, in one round trip: the node, the pause switch, what already

@@ -19,8 +19,10 @@ is invalidated so the pool does not hand it out again).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import weakref
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -116,6 +118,9 @@ async def pooled(engine: AsyncEngine) -> AsyncIterator[Pooled]:
         await pool.release(connection)
 
 
+POOL_CLOSE_SECONDS: Final = 5.0
+log = logging.getLogger(__name__)
+
 _DRIVER_POOLS: Final[weakref.WeakKeyDictionary[Engine, asyncpg.Pool]] = weakref.WeakKeyDictionary()
 
 
@@ -151,9 +156,20 @@ def driver_pool_sizes(engine: AsyncEngine) -> tuple[int, int] | None:
 
 
 async def _close_driver_pool(engine: Engine) -> None:
+    """Close the pool's connections, and cut those that do not close in time: a
+    connection still in use, or a server out of reach, must not hold the process's
+    shutdown, and nothing here may fail it."""
     pool = _DRIVER_POOLS.pop(engine, None)
-    if pool is not None:
-        await pool.close()
+    if pool is None:
+        return
+    try:
+        async with asyncio.timeout(POOL_CLOSE_SECONDS):
+            await pool.close()
+    except Exception as error:  # whatever the cause, the connections are cut below
+        log.warning(
+            "the driver pool did not close in time (%s: %s); its connections are cut", type(error).__name__, error
+        )
+        pool.terminate()
 
 
 async def _decode_json_as_sqlalchemy_does(connection: asyncpg.Connection) -> None:

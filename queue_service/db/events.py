@@ -22,6 +22,7 @@ from queue_service.db import tables
 CHANNEL: Final = "taskqueue_events"
 # pg_notify payloads are limited to 8000 bytes; ours are small fixed-shape objects.
 WAKE_DISPATCH: Final = "dispatch.wake"
+DISPATCH_PAUSED: Final = "dispatch.paused"  # nodes stop waking for new work until resumed
 DISPATCH_RESUMED: Final = "dispatch.resumed"  # a node that found dispatch paused claims again at once
 CANCEL_ATTEMPT: Final = "attempt.cancel"
 JOB_UPDATED: Final = "job.updated"

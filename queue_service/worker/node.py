@@ -26,7 +26,7 @@ from queue_service.core.model import AttemptOutcome, Resources
 from queue_service.core.policy import Candidate, RunningJob, first_read, plan
 from queue_service.db import attempts, driver
 from queue_service.db.attempts import AttemptEnd, Claim
-from queue_service.db.events import CANCEL_ATTEMPT, DISPATCH_RESUMED, JOB_UPDATED, WAKE_DISPATCH
+from queue_service.db.events import CANCEL_ATTEMPT, DISPATCH_PAUSED, DISPATCH_RESUMED, JOB_UPDATED, WAKE_DISPATCH
 from queue_service.db.lifecycle import epoch
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings
@@ -127,10 +127,13 @@ class WorkerNode:
         # One claim at a time: the dispatch loop and the recorder both claim, and two
         # claims at once would plan the same free capacity (see attempts.claim_round).
         self._claiming = asyncio.Lock()
-        # Dispatch was paused at the last claim: submissions do not wake the loop (each
-        # would be a claim transaction that finds it paused); a resume notice or the
-        # poll interval does.
+        # Dispatch was paused at the last claim, or announced paused since: submissions do
+        # not wake the loop (each would be a claim transaction that finds it paused, and
+        # one planned from what the node knew then could reach the database just after a
+        # resume, starting a job ahead of those the node had not heard of yet); a resume
+        # notice or the poll interval does.
         self._dispatch_paused = False
+        self._pause_notices = 0  # pause and resume notices heard: newer than any claim begun before
         # The whole ready queue, while announcements keep it known: an idle node then
         # starts a submitted job without reading the queue first (see ready_view).
         self._ready = ReadyView(self.policy.candidate_window)
@@ -229,7 +232,11 @@ class WorkerNode:
             # "Go and look": a change the node was not told the details of (a batch, a
             # reconnected listener that may have missed announcements, a resume).
             self._ready.forget()
-        if event == DISPATCH_RESUMED:
+        if event == DISPATCH_PAUSED:
+            self._pause_notices += 1
+            self._dispatch_paused = True
+        elif event == DISPATCH_RESUMED:
+            self._pause_notices += 1
             self._dispatch_paused = False
             self._wake.set()
         elif event == WAKE_DISPATCH or (event == JOB_UPDATED and message.get("status") == "ready"):
@@ -274,12 +281,12 @@ class WorkerNode:
         the node knows of when it knows them all (and `read` is not asked), else by
         reading the queue."""
         async with self._claiming:
-            started = time.monotonic()
+            started, notices = time.monotonic(), self._pause_notices
             async with driver.pooled(self.engine) as conn:
                 claims = None if read else await self._start_known(conn)
                 if claims is None:
                     claims = await self._claim(conn)
-            self._launch(claims, time.monotonic() - started)
+            self._launch(claims, time.monotonic() - started, notices)
 
     async def _start_known(self, conn: driver.Executor) -> list[Claim] | None:
         """core.plan() over the ready jobs the node knows of, and their start: one
@@ -334,9 +341,12 @@ class WorkerNode:
         self._ready.read(claimed.window, claimed.whole_queue and claimed.claims is not None, started)
         return claimed.claims
 
-    def _launch(self, claims: list[Claim] | None, claim_seconds: float) -> None:
-        """Run what a claim started; None: it found dispatch paused (see _dispatch_paused)."""
-        self._dispatch_paused = claims is None
+    def _launch(self, claims: list[Claim] | None, claim_seconds: float, pause_notices: int) -> None:
+        """Run what a claim started; None: it found dispatch paused (see _dispatch_paused).
+        `pause_notices`: as many as the node had heard when the claim began; a pause or
+        resume announced since is newer than what the claim found."""
+        if pause_notices == self._pause_notices:
+            self._dispatch_paused = claims is None
         if claims is None:
             return
         self._notify("claimed", self.node_id, claims, claim_seconds)
@@ -450,7 +460,7 @@ class WorkerNode:
                 # The claim lock before the transaction, as the dispatch loop takes it before
                 # its statements: never a transaction waiting for the lock while holding rows.
                 async with self._claiming if claiming else contextlib.nullcontext():
-                    claimed, claims, claim_seconds = False, None, 0.0
+                    claimed, claims, claim_seconds, notices = False, None, 0.0, self._pause_notices
                     async with driver.transaction(self.engine) as conn:
                         owned = await attempts.end_attempts(conn, endings, self.clock(), self.policy)
                         if claiming and not self._stopping:
@@ -458,7 +468,7 @@ class WorkerNode:
                             claims = await self._claim(conn, ending)
                             claimed, claim_seconds = True, time.monotonic() - started
                     if claimed:
-                        self._launch(claims, claim_seconds)
+                        self._launch(claims, claim_seconds, notices)
             except Exception:
                 claiming = False
                 self._ready.forget()  # what its claim read may have been rolled back

@@ -228,7 +228,7 @@ async def test_an_attempt_cancelled_before_its_task_began_frees_its_resources(
     node = await nodes("early", cpu=1, poll_interval_seconds=60)
     now = datetime.now(UTC)
     claim = attempts.Claim("early-1", "work", "normal", {}, 1, uuid.uuid4(), 30.0, Resources(1, 64), False, now, now)
-    node._launch([claim], 0.0)
+    node._launch([claim], 0.0, node._pause_notices)
     node._stop_attempt("early-1", "cancelled")  # in the same step as the launch
     async with asyncio.timeout(2):
         while "early-1" in node.running:
@@ -262,6 +262,40 @@ async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_
         async with engine.begin() as conn:
             await attempts.set_paused(conn, False)
         await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 40, timeout=5)
+    finally:
+        async with engine.begin() as conn:
+            await attempts.set_paused(conn, False)
+
+
+async def test_a_node_that_hears_dispatch_paused_tries_no_start_until_resumed(
+    nodes: NodeFactory, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause is announced: an idle node that knows the queue stops starting submissions
+    at once, rather than after a start that finds dispatch paused. Such a start, planned
+    from what the node knew then, could reach the database just after a resume and start
+    a job ahead of the higher-priority ones submitted meanwhile."""
+    node = await nodes("hears-pause", poll_interval_seconds=60)
+    await insert_ready(engine, [{"job_id": "before-pause"}])
+    await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 1, timeout=5)
+    tries = 0
+    claim = node._claim_and_launch
+
+    async def counted(**kwargs: Any) -> None:
+        nonlocal tries
+        tries += 1
+        await claim(**kwargs)
+
+    monkeypatch.setattr(node, "_claim_and_launch", counted)
+    try:
+        async with engine.begin() as conn:
+            await attempts.set_paused(conn, True)
+        for index, priority in enumerate(["low", "normal", "high", "critical"]):
+            await insert_ready(engine, [{"job_id": f"paused-{index}", "priority": priority}])
+        await asyncio.sleep(0.3)
+        assert tries == 0
+        async with engine.begin() as conn:
+            await attempts.set_paused(conn, False)
+        await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 5, timeout=5)
     finally:
         async with engine.begin() as conn:
             await attempts.set_paused(conn, False)

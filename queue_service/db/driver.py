@@ -39,6 +39,10 @@ from sqlalchemy.util import await_only
 
 from queue_service.db.engine import POOL_RECYCLE_SECONDS, POOL_TIMEOUT_SECONDS, autocommit, driver_pool_spec
 
+log = logging.getLogger(__name__)
+
+POOL_CLOSE_SECONDS: Final = 5.0  # a driver pool still closing after this at shutdown is cut
+
 
 class Row(asyncpg.Record):
     """A driver row that also reads its columns as attributes, as SQLAlchemy's rows do,
@@ -118,9 +122,6 @@ async def pooled(engine: AsyncEngine) -> AsyncIterator[Pooled]:
         await pool.release(connection)
 
 
-POOL_CLOSE_SECONDS: Final = 5.0
-log = logging.getLogger(__name__)
-
 _DRIVER_POOLS: Final[weakref.WeakKeyDictionary[Engine, asyncpg.Pool]] = weakref.WeakKeyDictionary()
 
 
@@ -143,10 +144,15 @@ async def _open_driver_pool(engine: AsyncEngine) -> asyncpg.Pool:
     if existing is not pool:  # another task opened one meanwhile
         await pool.close()
         return existing
-    # Disposing of the engine closes it (the event runs inside SQLAlchemy's greenlet,
-    # where await_only may wait on the driver).
-    sa.event.listen(engine.sync_engine, "engine_disposed", lambda _engine: await_only(_close_driver_pool(_engine)))
+    if not sa.event.contains(engine.sync_engine, "engine_disposed", _on_engine_disposed):
+        sa.event.listen(engine.sync_engine, "engine_disposed", _on_engine_disposed)
     return pool
+
+
+def _on_engine_disposed(engine: Engine) -> None:
+    """Disposing of the engine closes its driver pool. AsyncEngine.dispose runs this inside
+    SQLAlchemy's greenlet, where await_only may wait on the driver."""
+    await_only(_close_driver_pool(engine))
 
 
 def driver_pool_sizes(engine: AsyncEngine) -> tuple[int, int] | None:

@@ -236,6 +236,21 @@ async def test_an_attempt_cancelled_before_its_task_began_frees_its_resources(
     assert not node._full()
 
 
+def count_claims(node: WorkerNode, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """From now on, count the node's claims (a read of the queue, or a start of what it
+    knows): the returned function tells how many so far."""
+    calls = 0
+    claim = node._claim_and_launch
+
+    async def counted(**kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        await claim(**kwargs)
+
+    monkeypatch.setattr(node, "_claim_and_launch", counted)
+    return lambda: calls
+
+
 async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_it_at_once(
     nodes: NodeFactory, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -246,19 +261,11 @@ async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_
         await attempts.set_paused(conn, True)
     try:
         node = await nodes("paused", poll_interval_seconds=60)
-        claims = 0
-        claim = node._claim_and_launch
-
-        async def counted(**kwargs: Any) -> None:
-            nonlocal claims
-            claims += 1
-            await claim(**kwargs)
-
-        monkeypatch.setattr(node, "_claim_and_launch", counted)
+        claims = count_claims(node, monkeypatch)
         for index in range(40):
             await insert_ready(engine, [{"job_id": f"held-{index:02d}"}])  # each with its wake notice
         await asyncio.sleep(0.5)
-        assert claims <= 2  # the start's, which found dispatch paused, and a wake before its answer
+        assert claims() <= 2  # the start's, which found dispatch paused, and a wake before its answer
         async with engine.begin() as conn:
             await attempts.set_paused(conn, False)
         await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 40, timeout=5)
@@ -277,22 +284,14 @@ async def test_a_node_that_hears_dispatch_paused_tries_no_start_until_resumed(
     node = await nodes("hears-pause", poll_interval_seconds=60)
     await insert_ready(engine, [{"job_id": "before-pause"}])
     await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 1, timeout=5)
-    tries = 0
-    claim = node._claim_and_launch
-
-    async def counted(**kwargs: Any) -> None:
-        nonlocal tries
-        tries += 1
-        await claim(**kwargs)
-
-    monkeypatch.setattr(node, "_claim_and_launch", counted)
+    tries = count_claims(node, monkeypatch)
     try:
         async with engine.begin() as conn:
             await attempts.set_paused(conn, True)
         for index, priority in enumerate(["low", "normal", "high", "critical"]):
             await insert_ready(engine, [{"job_id": f"paused-{index}", "priority": priority}])
         await asyncio.sleep(0.3)
-        assert tries == 0
+        assert tries() == 0
         async with engine.begin() as conn:
             await attempts.set_paused(conn, False)
         await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 5, timeout=5)

@@ -10,6 +10,8 @@ samples enqueue → handler-start latency on the idle worker, then enqueues N mo
 in batches of 1000 (timed). Runs are interleaved across queues (round 1 of
 every queue, then round 2, …) so machine noise spreads evenly; each figure is
 the median over the runs (latency percentiles are per run, then the median).
+Each run goes on the event loop the queue's own command line runs on (uvloop for
+ours and PgQueuer where installed, asyncio's default loop for Procrastinate).
 Prints Markdown tables, with our figures as ratios to each peer; `--json`
 writes every run.
 """
@@ -17,7 +19,6 @@ writes every run.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import platform
 import statistics
@@ -27,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.databases import fresh_database, server_url
-from loadtest.peers import LATENCY_SAMPLES, Peer, RunResult, figure, ratio
+from loadtest.peers import LATENCY_SAMPLES, Peer, RunResult, event_loop_name, figure, ratio
 from loadtest.peers.celery_peer import CeleryPeer
 from loadtest.peers.ours import Ours, OursWideNode
 from loadtest.peers.pgqueuer_peer import PgQueuerPeer
@@ -68,20 +69,23 @@ def summarise(runs: list[RunResult]) -> dict[str, Any]:
 
 async def run_once(peer: Peer, jobs: int, samples: int) -> RunResult:
     if not getattr(peer, "uses_postgres", True):
-        return await peer.measure("", jobs, samples)
-    prefix = "tq_peer_" + type(peer).__name__.lower()
-    async with fresh_database(server_url(), prefix) as url:
-        return await peer.measure(url, jobs, samples)
+        result = await peer.measure("", jobs, samples)
+    else:
+        prefix = "tq_peer_" + type(peer).__name__.lower()
+        async with fresh_database(server_url(), prefix) as url:
+            result = await peer.measure(url, jobs, samples)
+    result.notes.append(f"ran on {event_loop_name()}")
+    return result
 
 
-async def measure_all(names: list[str], jobs: int, samples: int, rounds: int) -> dict[str, list[RunResult]]:
+def measure_all(names: list[str], jobs: int, samples: int, rounds: int) -> dict[str, list[RunResult]]:
     peers = {name: PEERS[name]() for name in names}
     results: dict[str, list[RunResult]] = {name: [] for name in names}
     for round_number in range(1, rounds + 1):
         for name, peer in peers.items():
             print(f"round {round_number}/{rounds}: {peer.name} …", file=sys.stderr, flush=True)
             try:
-                results[name].append(await run_once(peer, jobs, samples))
+                results[name].append(peer.run(run_once(peer, jobs, samples)))
             except Exception as error:  # one broken peer must not lose the others' figures
                 print(f"  {peer.name} failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
                 results[name].append(RunResult(notes=[f"failed: {type(error).__name__}: {error}"]))
@@ -134,7 +138,7 @@ def main() -> None:
         parser.error(f"unknown peers: {', '.join(unknown)}")
     # Every queue runs in this process, built by now: frozen as `taskqueue` freezes its own.
     freeze_startup_objects()
-    results = asyncio.run(measure_all(names, args.jobs, args.samples, args.runs))
+    results = measure_all(names, args.jobs, args.samples, args.runs)
     summaries = {name: summarise(runs) for name, runs in results.items()}
     print(tables(names, summaries, args.jobs, args.runs))
     for name, runs in results.items():

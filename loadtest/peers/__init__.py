@@ -2,16 +2,18 @@
 
 Every adapter answers one `RunResult` per run on a fresh database: enqueue rates
 one by one and in batches, the drain rate of one worker over no-op jobs, and
-enqueue → handler-start latencies on an idle worker.
+enqueue → handler-start latencies on an idle worker. Each runs on the event loop
+its own command line runs on (`Peer.run`): uvloop or asyncio's default loop cost
+the same Python code a different amount per job.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 BATCH_SIZE: Final = 1000
 LATENCY_SAMPLES: Final = 200
@@ -44,11 +46,21 @@ class RunResult:
 
 
 class Peer(Protocol):
-    """A queue under test: `measure` does one complete run on the database at `database_url`."""
+    """A queue under test: `measure` does one complete run on the database at
+    `database_url`; `run` runs it to the end on the event loop the queue's own
+    command line (its worker) runs on."""
 
     name: str
 
     async def measure(self, database_url: str, jobs: int, samples: int) -> RunResult: ...
+
+    def run(self, main: Coroutine[Any, Any, RunResult]) -> RunResult: ...
+
+
+def event_loop_name() -> str:
+    """The running event loop, as a run's note says it."""
+    uvloop = type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+    return "uvloop" if uvloop else "asyncio's standard event loop"
 
 
 def rate(count: int, seconds: float) -> float:

@@ -5,7 +5,8 @@ still publishes message by message). Drain is one worker process
 (`celery worker --pool solo -c 1`) started beforehand on an idle queue and told
 to consume the loaded queue with `add_consumer`; it is timed until a last
 `stamp` task, queued behind the no-op jobs, starts (a solo worker runs in queue
-order). Latency: `stamp` tasks on the idle worker, read back from Redis.
+order). Latency: `stamp` tasks on the idle worker, read back from Redis. Its
+producer is synchronous: the event loop only waits for the thread it runs in.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Coroutine
 from importlib.metadata import version
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import redis
 
@@ -35,6 +37,9 @@ WORKER_STOP_SECONDS: Final = 30.0
 class CeleryPeer:
     name = f"Celery {version('celery')} + Redis"
     uses_postgres = False
+
+    def run(self, main: Coroutine[Any, Any, RunResult]) -> RunResult:
+        return asyncio.run(main)
 
     async def measure(self, database_url: str, jobs: int, samples: int) -> RunResult:
         return await asyncio.to_thread(_measure, jobs, samples)

@@ -6,14 +6,15 @@ hash from `queue_service.api.submission`, no HTTP; drain and latency run one
 `WorkerNode` in this process with a `noop` handler that returns at once, with
 the node's default capacity (and, as `ours-64`, a node of 64 CPU units), resource
 accounting, DAG bookkeeping and job logs.
-The API's Prometheus observer is not attached.
+The API's Prometheus observer is not attached. Runs on the event loop `taskqueue
+serve` and `taskqueue worker` run on (`cli.run_on_fastest_loop`: uvloop where installed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Final
 
@@ -31,6 +32,7 @@ from loadtest.peers import (
     timed,
 )
 from queue_service.api.submission import parse_one
+from queue_service.cli import run_on_fastest_loop
 from queue_service.core.model import Resources
 from queue_service.db import driver, insight, jobs, migrate
 from queue_service.db.engine import autocommit, create_engine
@@ -52,6 +54,9 @@ DONE_POLL_SECONDS: Final = 0.01
 class Ours:
     name = "ours"
     node_size: ClassVar[Mapping[str, int]] = {}  # the default node: 8 CPU units, 4096 MB
+
+    def run(self, main: Coroutine[Any, Any, RunResult]) -> RunResult:
+        return run_on_fastest_loop(main)
 
     async def measure(self, database_url: str, jobs_count: int, samples: int) -> RunResult:
         await migrate.upgrade(database_url)

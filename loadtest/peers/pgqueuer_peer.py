@@ -5,6 +5,7 @@ drain is one `QueueManager.run()` with its defaults (continuous mode, dequeue
 batches of 10), timed from start until it returns after the last handler has
 run and its status log is flushed; latency runs the same idle worker.
 Enqueue and worker use one connection each, as a producer and a worker would.
+Runs on the event loop its command line (`pgq run`) runs on: uvloop where installed.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Coroutine
 from importlib.metadata import version
-from typing import Final
+from typing import Any, Final
 
 import asyncpg
 from pgqueuer import AsyncpgDriver, Job, Queries, QueueManager
+from pgqueuer.adapters.cli.cli import asyncio_run
 
 from loadtest.peers import (
     BATCH_SIZE,
@@ -35,6 +38,9 @@ STAMP: Final = b"stamp"
 
 class PgQueuerPeer:
     name = f"PgQueuer {version('pgqueuer')}"
+
+    def run(self, main: Coroutine[Any, Any, RunResult]) -> RunResult:
+        return asyncio_run(main)
 
     async def measure(self, database_url: str, jobs: int, samples: int) -> RunResult:
         producer = await asyncpg.connect(database_url)

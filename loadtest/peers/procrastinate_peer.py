@@ -3,7 +3,8 @@
 Enqueue is `Task.defer_async` one by one and `Task.batch_defer_async` in batches;
 drain is one `run_worker_async(wait=False)` worker at its default concurrency (1),
 timed until it returns, which it does once the queue is empty; latency runs a
-waiting worker with LISTEN/NOTIFY on.
+waiting worker with LISTEN/NOTIFY on. Runs on asyncio's default loop, as its
+command line (`procrastinate worker`) does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Coroutine
 from importlib.metadata import version
 from typing import Any, Final
 
@@ -34,6 +36,9 @@ logging.getLogger("procrastinate").setLevel(logging.WARNING)
 
 class ProcrastinatePeer:
     name = f"Procrastinate {version('procrastinate')}"
+
+    def run(self, main: Coroutine[Any, Any, RunResult]) -> RunResult:
+        return asyncio.run(main)
 
     async def measure(self, database_url: str, jobs: int, samples: int) -> RunResult:
         stamps = StartStamps()

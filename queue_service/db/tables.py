@@ -523,10 +523,12 @@ BEGIN
         -- The node still active and dispatch not paused since the read: else nothing starts.
         SELECT n.node_id FROM nodes AS n
         WHERE n.node_id = node AND n.status = 'active' AND NOT (SELECT d.paused FROM dispatch_control AS d)
-    ), locked AS (
+    ), chosen AS (
         -- In id order, as everything else locks jobs. Still ready with the attempts the
         -- window saw (so no attempt number is taken twice), and not being taken by another node.
-        SELECT j.job_id
+        -- The planned rows themselves, not their ids joined back to them: with hash and
+        -- merge joins off, every such join compared each start with every other.
+        SELECT p.*
         FROM (SELECT * FROM planned ORDER BY planned.job_id) AS p
         CROSS JOIN LATERAL (
             SELECT jobs.job_id FROM jobs
@@ -534,14 +536,12 @@ BEGIN
             FOR UPDATE SKIP LOCKED
         ) AS j
         WHERE EXISTS (SELECT FROM active)
-    ), chosen AS (
-        SELECT planned.* FROM planned JOIN locked ON locked.job_id = planned.job_id
     ), started AS (
         UPDATE jobs SET status = 'running', attempts = c.attempt, started_at = at, worker_id = node,
                         lease_token = c.token, lease_expires_at = lease_until, updated_at = at
         FROM chosen AS c
         WHERE jobs.job_id = c.job_id
-        RETURNING jobs.job_id, jobs.payload, jobs.type, jobs.priority
+        RETURNING jobs.job_id, jobs.payload, jobs.type, jobs.priority, c.attempt, c.place
     ), attempt_rows AS (
         INSERT INTO job_attempts (job_id, attempt, node_id, started_at, lease_token)
         SELECT c.job_id, c.attempt, node, at, c.token FROM chosen AS c
@@ -569,10 +569,10 @@ BEGIN
         FROM (
             SELECT json_build_object(
                        'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,
-                       'status', 'running', 'previous_status', 'ready', 'attempt', c.attempt, 'at', at_text
+                       'status', 'running', 'previous_status', 'ready', 'attempt', s.attempt, 'at', at_text
                    )::text AS payload
-            FROM chosen AS c JOIN started AS s ON s.job_id = c.job_id
-            ORDER BY c.place
+            FROM started AS s
+            ORDER BY s.place
         ) AS o
     )
     SELECT (SELECT json_object_agg(s.job_id, s.payload) FROM started AS s),

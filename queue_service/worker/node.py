@@ -286,7 +286,9 @@ class WorkerNode:
                 claims = None if read else await self._start_known(conn)
                 if claims is None:
                     claims = await self._claim(conn)
-            self._launch(claims, time.monotonic() - started, notices)
+                # Before the connection goes back: its return is a step of the event loop
+                # the handlers need not wait for, and what started must run even if it fails.
+                self._launch(claims, time.monotonic() - started, notices)
 
     async def _start_known(self, conn: driver.Executor) -> list[Claim] | None:
         """core.plan() over the ready jobs the node knows of, and their start: one

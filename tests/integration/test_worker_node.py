@@ -151,6 +151,28 @@ async def test_a_submission_wakes_a_node_at_once(nodes: NodeFactory, engine: Asy
     await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'woken-1'", "completed", timeout=3)
 
 
+async def test_a_claim_runs_what_it_started_even_if_its_connection_fails_on_return(
+    nodes: NodeFactory, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The claim's start is committed before its connection goes back to the driver pool;
+    giving it back failing (the connection broke) must not leave what started unrun,
+    holding the node's resources until its lease expires with no node to recover it."""
+    await insert_ready(engine, [{"job_id": "started-1"}])
+    give_back = asyncpg.pool.Pool.release
+    failed: list[asyncpg.pool.Pool] = []
+
+    async def breaking(pool: asyncpg.pool.Pool, connection: Any, *, timeout: float | None = None) -> None:
+        await give_back(pool, connection, timeout=timeout)
+        if not failed:
+            failed.append(pool)
+            raise ConnectionResetError("the connection broke on its way back")
+
+    monkeypatch.setattr(asyncpg.pool.Pool, "release", breaking)
+    await nodes("n1")  # its first claim, at start, takes the job
+    await wait_for(engine, "SELECT status FROM jobs WHERE job_id = 'started-1'", "completed", timeout=5)
+    assert failed
+
+
 async def test_an_idle_node_that_knows_the_queue_starts_a_submission_without_reading_it(
     nodes: NodeFactory, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

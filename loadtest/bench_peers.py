@@ -11,7 +11,7 @@ in batches of 1000 (timed). Runs are interleaved across queues (round 1 of
 every queue, then round 2, …) so machine noise spreads evenly; each figure is
 the median over the runs (latency percentiles are per run, then the median).
 Each run goes on the event loop the queue's own command line runs on (uvloop for
-ours and PgQueuer where installed, asyncio's default loop for Procrastinate).
+ours and PgQueuer where installed, asyncio's standard loop for Procrastinate).
 Prints Markdown tables, with our figures as ratios to each peer; `--json`
 writes every run.
 """

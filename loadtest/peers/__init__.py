@@ -3,7 +3,7 @@
 Every adapter answers one `RunResult` per run on a fresh database: enqueue rates
 one by one and in batches, the drain rate of one worker over no-op jobs, and
 enqueue → handler-start latencies on an idle worker. Each runs on the event loop
-its own command line runs on (`Peer.run`): uvloop or asyncio's default loop cost
+its own command line runs on (`Peer.run`): uvloop and asyncio's standard loop cost
 the same Python code a different amount per job.
 """
 

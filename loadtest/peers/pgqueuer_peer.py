@@ -40,7 +40,8 @@ class PgQueuerPeer:
     name = f"PgQueuer {version('pgqueuer')}"
 
     def run(self, main: Coroutine[Any, Any, RunResult]) -> RunResult:
-        return asyncio_run(main)
+        result: RunResult = asyncio_run(main)  # untyped where the peers extra is not installed
+        return result
 
     async def measure(self, database_url: str, jobs: int, samples: int) -> RunResult:
         producer = await asyncpg.connect(database_url)

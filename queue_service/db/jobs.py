@@ -842,6 +842,8 @@ _LOWEST_BUCKET: Final = -(2**63)
 # (folded base rows and not yet folded deltas) of the ranges `bucket_ranges` names
 # for that second, plus each job's number among the ready jobs of its own second,
 # numbered on the ready-queue index up to the last asked-for job of that second.
+# Seconds of one minute share their minute's, hour's and day's ranges: each distinct
+# range is summed once (a page of 50 ready jobs asked 200 ranges, 71 of them distinct).
 POSITIONS_SQL: Final = driver.Statement(
     sa.text(
         """
@@ -851,19 +853,23 @@ POSITIONS_SQL: Final = driver.Statement(
         ) AS s(second, last_key, last_id)
     ), ranges AS (
         SELECT * FROM unnest(
-            CAST(:range_seconds AS float8[]), CAST(:range_levels AS smallint[]),
-            CAST(:range_lows AS bigint[]), CAST(:range_highs AS bigint[])
-        ) AS r(second, level, low, high)
-    ), earlier AS (
-        SELECT r.second, sum(counted.jobs) AS jobs
+            CAST(:range_levels AS smallint[]), CAST(:range_lows AS bigint[]), CAST(:range_highs AS bigint[])
+        ) WITH ORDINALITY AS r(level, low, high, range_number)
+    ), counted AS (
+        SELECT r.range_number, sum(c.jobs) AS jobs
         FROM ranges AS r CROSS JOIN LATERAL (
             SELECT coalesce(sum(b.jobs), 0) AS jobs FROM queue_rank_base AS b
             WHERE b.level = r.level AND b.bucket >= r.low AND b.bucket < r.high
             UNION ALL
             SELECT coalesce(sum(d.delta), 0) FROM queue_rank_deltas AS d
             WHERE d.level = r.level AND d.bucket >= r.low AND d.bucket < r.high
-        ) AS counted
-        GROUP BY r.second
+        ) AS c
+        GROUP BY r.range_number
+    ), earlier AS (
+        SELECT u.second, sum(counted.jobs) AS jobs
+        FROM unnest(CAST(:use_seconds AS float8[]), CAST(:use_ranges AS bigint[])) AS u(second, range_number)
+        JOIN counted USING (range_number)
+        GROUP BY u.second
     )
     SELECT numbered.job_id, earlier.jobs + numbered.within AS position
     FROM seconds JOIN earlier USING (second)
@@ -909,15 +915,22 @@ def positions_parameters(ready: Sequence[Any]) -> dict[str, list[Any]]:
         second = float(math.floor(row.sort_key))
         job = (row.sort_key, row.job_id)
         last_of_second[second] = max(last_of_second.get(second, job), job)
-    ranges = [(second, *r) for second in last_of_second for r in bucket_ranges(second)]
+    numbers: dict[tuple[int, int, int], int] = {}  # each distinct range, numbered from 1 as sent
+    use_seconds: list[float] = []
+    use_ranges: list[int] = []
+    for second in last_of_second:
+        for bucket_range in bucket_ranges(second):
+            use_seconds.append(second)
+            use_ranges.append(numbers.setdefault(bucket_range, len(numbers) + 1))
     return {
         "seconds": list(last_of_second),
         "last_keys": [key for key, _ in last_of_second.values()],
         "last_ids": [job_id for _, job_id in last_of_second.values()],
-        "range_seconds": [r[0] for r in ranges],
-        "range_levels": [r[1] for r in ranges],
-        "range_lows": [r[2] for r in ranges],
-        "range_highs": [r[3] for r in ranges],
+        "range_levels": [level for level, _, _ in numbers],
+        "range_lows": [low for _, low, _ in numbers],
+        "range_highs": [high for _, _, high in numbers],
+        "use_seconds": use_seconds,
+        "use_ranges": use_ranges,
         "ids": [r.job_id for r in ready],
     }
 

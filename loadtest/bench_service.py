@@ -91,16 +91,31 @@ class Service:
     pid: int
 
 
+LOG_TAIL_LINES = 40
+
+
 @contextmanager
 def taskqueue(database_url: str, *arguments: str) -> Iterator[int]:
-    """A `taskqueue` command as a process on `database_url`, ended by SIGTERM; yields its pid."""
+    """A `taskqueue` command as a process on `database_url`, ended by SIGTERM; yields its pid.
+
+    Its log goes to a temporary file, whose last lines are printed if the benchmark
+    fails while the process runs: a failed request then comes with the service's side."""
     env = {**os.environ, "DATABASE_URL": database_url, "TASKQUEUE_POLL_INTERVAL_SECONDS": "0.5"}
-    process = subprocess.Popen([TASKQUEUE, *arguments], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        yield process.pid
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen([TASKQUEUE, *arguments], env=env, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            yield process.pid
+        except BaseException:
+            exited = process.poll()
+            log.seek(0)
+            tail = log.read().decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+            state = "still running" if exited is None else f"exited with status {exited}"
+            print(f"taskqueue {' '.join(arguments[:1])} ({state}), last lines of its log:", file=sys.stderr)
+            print("\n".join(tail) or "(empty)", file=sys.stderr, flush=True)
+            raise
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(timeout=60)
 
 
 class Client:

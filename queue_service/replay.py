@@ -272,9 +272,26 @@ async def _collect(client: httpx.AsyncClient, run: LiveRun, ids: list[str]) -> N
     run.logs = dict(zip(ids, logs, strict=True))
 
 
+class _ReadsRetriedOnce(httpx.AsyncHTTPTransport):
+    """Sends a GET again, once, when its connection broke before any answer.
+
+    A replay waits idle for seconds (until the simulated end is near) and then reads;
+    a server may close an idle keep-alive connection just as the read goes out on it,
+    and the read fails with no answer. A GET changes nothing, so sending it again on a
+    fresh connection is safe; anything else fails as it did."""
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return await super().handle_async_request(request)
+        except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+            if request.method != "GET":
+                raise
+        return await super().handle_async_request(request)
+
+
 def client_for(url: str, api_key: str | None, timeout: float = 30.0) -> httpx.AsyncClient:
     headers: Mapping[str, str] = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.AsyncClient(base_url=url, headers=dict(headers), timeout=timeout)
+    return httpx.AsyncClient(base_url=url, headers=dict(headers), timeout=timeout, transport=_ReadsRetriedOnce())
 
 
 @dataclass(frozen=True)

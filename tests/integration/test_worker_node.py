@@ -8,6 +8,7 @@ import contextvars
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -273,27 +274,37 @@ def count_claims(node: WorkerNode, monkeypatch: pytest.MonkeyPatch) -> Callable[
     return lambda: calls
 
 
+@asynccontextmanager
+async def dispatch_paused(engine: AsyncEngine) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """Dispatch paused for the block, which may resume it with the function it is given;
+    resumed at the end either way, so a failing test leaves no other paused."""
+
+    async def set_paused(paused: bool) -> None:
+        async with engine.begin() as conn:
+            await attempts.set_paused(conn, paused)
+
+    await set_paused(True)
+    try:
+        yield lambda: set_paused(False)
+    finally:
+        await set_paused(False)
+
+
 async def test_a_paused_node_claims_once_not_per_submission_and_a_resume_starts_it_at_once(
     nodes: NodeFactory, engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Paused, every submission's wake notice would be a claim transaction that only finds
     dispatch paused: the node remembers and waits for the resume notice (or its poll
     interval, here longer than the test), which starts the waiting jobs at once."""
-    async with engine.begin() as conn:
-        await attempts.set_paused(conn, True)
-    try:
+    async with dispatch_paused(engine) as resume:
         node = await nodes("paused", poll_interval_seconds=60)
         claims = count_claims(node, monkeypatch)
         for index in range(40):
             await insert_ready(engine, [{"job_id": f"held-{index:02d}"}])  # each with its wake notice
         await asyncio.sleep(0.5)
         assert claims() <= 2  # the start's, which found dispatch paused, and a wake before its answer
-        async with engine.begin() as conn:
-            await attempts.set_paused(conn, False)
+        await resume()
         await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 40, timeout=5)
-    finally:
-        async with engine.begin() as conn:
-            await attempts.set_paused(conn, False)
 
 
 async def test_a_node_that_hears_dispatch_paused_tries_no_start_until_resumed(
@@ -307,19 +318,13 @@ async def test_a_node_that_hears_dispatch_paused_tries_no_start_until_resumed(
     await insert_ready(engine, [{"job_id": "before-pause"}])
     await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 1, timeout=5)
     tries = count_claims(node, monkeypatch)
-    try:
-        async with engine.begin() as conn:
-            await attempts.set_paused(conn, True)
+    async with dispatch_paused(engine) as resume:
         for index, priority in enumerate(["low", "normal", "high", "critical"]):
             await insert_ready(engine, [{"job_id": f"paused-{index}", "priority": priority}])
         await asyncio.sleep(0.3)
         assert tries() == 0
-        async with engine.begin() as conn:
-            await attempts.set_paused(conn, False)
+        await resume()
         await wait_for(engine, "SELECT count(*) FROM jobs WHERE status = 'completed'", 5, timeout=5)
-    finally:
-        async with engine.begin() as conn:
-            await attempts.set_paused(conn, False)
 
 
 async def test_a_node_runs_one_claim_at_a_time(

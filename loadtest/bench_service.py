@@ -110,7 +110,8 @@ def taskqueue(database_url: str, *arguments: str) -> Iterator[int]:
             log.seek(0)
             tail = log.read().decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
             state = "still running" if exited is None else f"exited with status {exited}"
-            print(f"taskqueue {' '.join(arguments[:1])} ({state}), last lines of its log:", file=sys.stderr)
+            command = " ".join(["taskqueue", *arguments[:1]])
+            print(f"{command} ({state}), the last lines of its log:", file=sys.stderr)
             print("\n".join(tail) or "(empty)", file=sys.stderr, flush=True)
             raise
         finally:

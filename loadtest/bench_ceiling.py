@@ -4,14 +4,15 @@ The rows SPEC asks of every job, written with as few statements as SQL allows an
 driven by pgbench (C: no Python, no planning, no handler) on a fresh database of the
 service's own schema, its indexes and triggers included:
 
-- enqueue one by one: the job, its `submitted` and `ready` log rows and its
-  job.updated notice, one statement and one commit per job;
+- enqueue one by one: the job (whose row is also its `submitted` and `ready` log
+  entries) and its job.updated notice, one statement and one commit per job;
 - enqueue in batches of 1000: the same for 1000 jobs in one transaction;
 - drain in rounds of 8 (the default node's capacity) and of 64: one transaction
   ends the jobs the previous round started (job completed, attempt closed, the
-  node's use given back, a `succeeded` log row, a notice) and starts as many
-  more (job running, attempt row, the node's use, `dispatched` and `started`
-  log rows, a notice, the payloads returned).
+  node's use given back, a notice; the closed attempt is its `succeeded` log
+  entry) and starts as many more (job running, attempt row, the node's use, a
+  notice, the payloads returned; the attempt row is its `dispatched` and
+  `started` entries).
 
 A LISTEN connection takes the notices, as a node's would. What the service does
 beyond this (request hashes, positions, replay checks, plans, lease fencing) is
@@ -46,7 +47,7 @@ from queue_service.db.events import CHANNEL
 SEED_READY_JOBS: Final = 150_000  # more than a drain round of 64 starts in the longest run here
 _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
 
-# One job: row, two log rows, notice (the lone submission's work).
+# One job: row and notice (the lone submission's work).
 _JOB_COLUMNS: Final = (
     "job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts, backoff_multiplier, "
     "initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, request_hash, attempt_budget, "
@@ -59,9 +60,6 @@ WITH inserted AS (
            300, md5(g::text), 3, now(), extract(epoch FROM now())
     FROM generate_series(1, :jobs) AS g
     RETURNING job_id
-), logged AS (
-    INSERT INTO job_events (job_id, at, level, event, message)
-    SELECT job_id, now(), 'info', event, event FROM inserted CROSS JOIN unnest(ARRAY['submitted', 'ready']) AS event
 )
 SELECT count(pg_notify('{CHANNEL}', json_build_object('event', 'job.updated', 'job_id', job_id,
                                                       'status', 'ready')::text))
@@ -83,9 +81,6 @@ WITH ended AS (
     UPDATE nodes SET cpu_used = cpu_used - (SELECT coalesce(sum(cpu_units), 0) FROM ended),
                      memory_used = memory_used - (SELECT coalesce(sum(memory_mb), 0) FROM ended)
     WHERE node_id = 'n1'
-), logged AS (
-    INSERT INTO job_events (job_id, at, attempt, level, event, message)
-    SELECT job_id, now(), attempts, 'info', 'succeeded', 'attempt succeeded' FROM ended
 )
 SELECT count(pg_notify('{CHANNEL}', json_build_object('event', 'job.updated', 'job_id', job_id,
                                                       'status', 'completed')::text))
@@ -104,10 +99,6 @@ WITH chosen AS (
     UPDATE nodes SET cpu_used = cpu_used + (SELECT coalesce(sum(cpu_units), 0) FROM started),
                      memory_used = memory_used + (SELECT coalesce(sum(memory_mb), 0) FROM started)
     WHERE node_id = 'n1'
-), logged AS (
-    INSERT INTO job_events (job_id, at, attempt, level, event, message)
-    SELECT job_id, now(), attempts, 'info', event, event
-    FROM started CROSS JOIN unnest(ARRAY['dispatched', 'started']) AS event
 ), announced AS (
     SELECT pg_notify('{CHANNEL}', json_build_object('event', 'job.updated', 'job_id', job_id,
                                                     'status', 'running')::text)

@@ -440,10 +440,7 @@ def _decide(outcomes: _Outcomes, row: Any, end: AttemptEnd, now: datetime) -> No
     current = JobStatus(row.status)
     if end.outcome is AttemptOutcome.SUCCEEDED:
         outcomes.changes.append(head.change(states.transition(head.job_id, current, JobStatus.COMPLETED), now))
-        outcomes.completed.append((head.job_id, _json_result(end.result)))
-        outcomes.entries.append(
-            LogEntry(head.job_id, "succeeded", f"attempt {head.attempts} succeeded", now, head.attempts)
-        )
+        outcomes.completed.append((head.job_id, _json_result(end.result)))  # its attempt's end logs it
         return
     if end.outcome is AttemptOutcome.INTERRUPTED:
         # Graceful shutdown: back to ready at its old queue position; the attempt

@@ -437,12 +437,6 @@ _INSERT_ALONE_SQL: Final = driver.Statement(
         )
         ON CONFLICT DO NOTHING
         RETURNING job_id
-    ), logged AS (
-        INSERT INTO job_events (job_id, at, level, event, message, data)
-        SELECT i.job_id, :now, 'info', l.event, l.message, CAST(l.data AS jsonb)
-        FROM inserted AS i CROSS JOIN unnest(
-            CAST(:log_events AS text[]), CAST(:log_messages AS text[]), CAST(:log_data AS text[])
-        ) AS l(event, message, data)
     ), announced AS (
         SELECT pg_notify(:channel, n.payload)
         FROM inserted CROSS JOIN unnest(CAST(:notice_payloads AS text[])) AS n(payload)
@@ -481,8 +475,7 @@ async def submit_alone(
         raise ValueError("submit_alone takes one job without dependencies")
     if not any(spec.resources.fits_in(capacity) for capacity in capacities):
         check_schedulable(spec, max(capacities))  # raises
-    row = _job_row(spec, digest, 0, now, policy)
-    entries = _first_entries(spec, {}, {spec.job_id}, now)
+    row = _job_row(spec, digest, 0, now, policy)  # its own `submitted` and `ready` log entries
     change = StatusChange(spec.job_id, spec.type, spec.priority.value, row["status"], None, 0, now, _queue_entry(row))
     ranges = [*bucket_ranges(row["sort_key"]), own_second(row["sort_key"])]
     with translate_errors():
@@ -493,9 +486,6 @@ async def submit_alone(
                 **{column: row[column] for column in _INSERTED_COLUMNS if column not in _FIXED_ALONE},
                 "payload": standard_json(row["payload"]).decode(),
                 "now": now,
-                "log_events": [e.event for e in entries],
-                "log_messages": [e.message for e in entries],
-                "log_data": [compact_json(e.data) for e in entries],
                 "channel": CHANNEL,
                 # Its job.updated (ready) wakes the dispatchers too: no separate wake notice.
                 "notice_payloads": [compact_json(change.payload())],
@@ -588,18 +578,15 @@ def _job_row(spec: JobSpec, digest: str, unfinished: int, now: datetime, policy:
 def _first_entries(
     spec: JobSpec, statuses: Mapping[str, JobStatus], new_ids: set[str], now: datetime
 ) -> list[LogEntry]:
+    """The entries a submission writes: the job's row is its `submitted` entry, and
+    `ready` too when it depends on nothing (tables.JOB_LOG_VIEW)."""
+    if not spec.depends_on:
+        return []
     waiting_for = [d for d in spec.depends_on if d in new_ids or statuses[d] is not JobStatus.COMPLETED]
-    data = {
-        "priority": spec.priority.value,
-        "cpu_units": spec.resources.cpu_units,
-        "memory_mb": spec.resources.memory_mb,
-    }
-    submitted = LogEntry(spec.job_id, "submitted", f"submitted as {spec.type}", now, data=data)
     if waiting_for:
         message = "waiting for " + ", ".join(waiting_for)
-        return [submitted, LogEntry(spec.job_id, "blocked", message, now, data={"waiting_for": waiting_for})]
-    message = "every dependency already completed" if spec.depends_on else "no dependencies"
-    return [submitted, LogEntry(spec.job_id, "ready", message, now)]
+        return [LogEntry(spec.job_id, "blocked", message, now, data={"waiting_for": waiting_for})]
+    return [LogEntry(spec.job_id, "ready", "every dependency already completed", now)]
 
 
 # ----------------------------------------------------------------------------- reads
@@ -740,7 +727,9 @@ async def job_logs(conn: AsyncConnection, job_id: str) -> list[dict[str, Any]]:
     if not exists:
         raise JobNotFound(f"no job {job_id!r}")
     rows = await conn.execute(
-        sa.text("SELECT at, attempt, level, event, message, data FROM job_events WHERE job_id = :id ORDER BY id"),
+        sa.text(
+            "SELECT at, attempt, level, event, message, data FROM job_log WHERE job_id = :id ORDER BY at, step, seq"
+        ),
         {"id": job_id},
     )
     return [

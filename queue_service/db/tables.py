@@ -197,6 +197,8 @@ job_attempts = sa.Table(
     sa.Column("outcome", sa.Text, nullable=True),  # NULL while the attempt runs
     sa.Column("error", sa.Text, nullable=True),
     sa.Column("lease_token", UUID(as_uuid=True), nullable=False),
+    # The queued job this start passed over (backfill, SPEC §5); NULL in queue order.
+    sa.Column("backfilled_past", sa.Text, nullable=True),
     sa.CheckConstraint("attempt >= 1", name="attempt_number_positive"),
     sa.CheckConstraint(f"outcome IS NULL OR {_in('outcome', AttemptOutcome)}", name="attempt_outcome_valid"),
     sa.CheckConstraint("(ended_at IS NULL) = (outcome IS NULL)", name="attempt_ended_iff_outcome"),
@@ -495,11 +497,12 @@ END
 $$
 """
 # A claim's start: the planned jobs to running, their attempt rows, the node's use,
-# from arrays, and the log entries and announcements it builds from them (migration
-# 0007 tells why). One generic plan per session where the statement sent as such was
-# planned afresh at every execution (half its cost for the one job an idle node
-# starts); a generic plan is made from whatever statistics there were, so only key
-# lookups and nested loops are allowed (migration 0006 tells why).
+# from arrays, and the announcements it builds from them (migration 0007 tells why;
+# since 0011 its attempt rows are its log entries, read through job_log). One generic
+# plan per session where the statement sent as such was planned afresh at every
+# execution (half its cost for the one job an idle node starts); a generic plan is
+# made from whatever statistics there were, so only key lookups and nested loops are
+# allowed (migration 0006 tells why).
 START_ATTEMPTS_FUNCTION: Final = """
 CREATE FUNCTION start_attempts(
     ids text[], tokens uuid[], numbers integer[], cpu integer[], memory integer[], passed text[],
@@ -543,26 +546,14 @@ BEGIN
         WHERE jobs.job_id = c.job_id
         RETURNING jobs.job_id, jobs.payload, jobs.type, jobs.priority, c.attempt, c.place
     ), attempt_rows AS (
-        INSERT INTO job_attempts (job_id, attempt, node_id, started_at, lease_token)
-        SELECT c.job_id, c.attempt, node, at, c.token FROM chosen AS c
+        -- The attempt row is the start's log entries too (`dispatched`, `started`: see job_log).
+        INSERT INTO job_attempts (job_id, attempt, node_id, started_at, lease_token, backfilled_past)
+        SELECT c.job_id, c.attempt, node, at, c.token, c.passed FROM chosen AS c
     ), node_use AS (
         -- The node's CHECK refuses use above capacity: the database itself never oversubscribes.
         UPDATE nodes SET cpu_used = cpu_used + (SELECT coalesce(sum(c.cpu_units), 0) FROM chosen AS c),
                          memory_used = memory_used + (SELECT coalesce(sum(c.memory_mb), 0) FROM chosen AS c)
         WHERE nodes.node_id = node
-    ), logged AS (
-        -- Each start's `dispatched` and `started` entries, in the order of the plan.
-        INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
-        SELECT c.job_id, at, c.attempt, 'info', e.event, e.message, e.data
-        FROM chosen AS c CROSS JOIN LATERAL (VALUES
-            (1, 'dispatched',
-             'to ' || node || ' (' || CASE WHEN c.passed IS NULL THEN 'in queue order'
-                                           ELSE 'backfilled past ' || c.passed END || ')',
-             jsonb_build_object('node', node, 'cpu_units', c.cpu_units, 'memory_mb', c.memory_mb,
-                                'backfill', c.passed IS NOT NULL)),
-            (2, 'started', 'attempt ' || c.attempt || ' started', jsonb '{}')
-        ) AS e(step, event, message, data)
-        ORDER BY c.place, e.step
     ), announced AS (
         -- Each start's job.updated, in the order of the plan (delivered at commit).
         SELECT pg_notify(channel, o.payload)
@@ -579,6 +570,44 @@ BEGIN
            (SELECT count(*) FROM announced);
 END
 $$"""
+# A job's log (SPEC §8), oldest first by (at, step, seq). The entries every job's own
+# rows already record are read from them rather than written a second time (migration
+# 0011): `submitted` and, for a job with no dependencies, `ready` from its row;
+# `dispatched` and `started` from each attempt's row; `succeeded` from a successful
+# attempt's end. Every other entry is a row of job_events (step 2: after a job's first
+# entries, before a start written at the same instant; seq keeps their insertion order).
+JOB_LOG_VIEW: Final = """
+CREATE VIEW job_log AS
+SELECT j.job_id, j.created_at AS at, CAST(NULL AS integer) AS attempt, CAST('info' AS text) AS level,
+       CAST('submitted' AS text) AS event, 'submitted as ' || j.type AS message,
+       jsonb_build_object('priority', j.priority, 'cpu_units', j.cpu_units, 'memory_mb', j.memory_mb) AS data,
+       0 AS step, CAST(0 AS bigint) AS seq
+FROM jobs AS j
+UNION ALL
+SELECT j.job_id, j.created_at, NULL, 'info', 'ready', 'no dependencies', jsonb '{}', 1, 0
+FROM jobs AS j
+WHERE NOT EXISTS (SELECT FROM job_dependencies AS d WHERE d.job_id = j.job_id)
+UNION ALL
+SELECT e.job_id, e.at, e.attempt, e.level, e.event, e.message, e.data, 2, e.id
+FROM job_events AS e
+UNION ALL
+SELECT a.job_id, a.started_at, a.attempt, 'info', 'dispatched',
+       'to ' || a.node_id || ' (' || CASE WHEN a.backfilled_past IS NULL THEN 'in queue order'
+                                         ELSE 'backfilled past ' || a.backfilled_past END || ')',
+       jsonb_build_object('node', a.node_id, 'cpu_units', j.cpu_units, 'memory_mb', j.memory_mb,
+                          'backfill', a.backfilled_past IS NOT NULL),
+       3, 0
+FROM job_attempts AS a JOIN jobs AS j ON j.job_id = a.job_id
+UNION ALL
+SELECT a.job_id, a.started_at, a.attempt, 'info', 'started', 'attempt ' || a.attempt || ' started', jsonb '{}', 4, 0
+FROM job_attempts AS a
+UNION ALL
+SELECT a.job_id, a.ended_at, a.attempt, 'info', 'succeeded', 'attempt ' || a.attempt || ' succeeded', jsonb '{}',
+       5, 0
+FROM job_attempts AS a
+WHERE a.outcome = 'succeeded'
+"""
+JOB_LOG_VIEW_DROP: Final = "DROP VIEW IF EXISTS job_log"
 QUEUE_RANK_TRIGGERS: Final = (
     "CREATE TRIGGER jobs_rank_insert AFTER INSERT ON jobs REFERENCING NEW TABLE AS new_rows"
     " FOR EACH STATEMENT EXECUTE FUNCTION queue_rank_apply()",
@@ -620,9 +649,11 @@ sa.event.listen(
             *QUEUE_RANK_TRIGGERS,
             READY_WINDOW_FUNCTION,
             START_ATTEMPTS_FUNCTION,
+            JOB_LOG_VIEW,
         )
     ),
 )
+sa.event.listen(metadata, "before_drop", _executor((JOB_LOG_VIEW_DROP,)))  # it depends on the tables
 sa.event.listen(metadata, "after_drop", _executor((*QUEUE_COUNTER_DROPS, *QUEUE_RANK_DROPS)))
 
 # Operators pause and resume dispatch on every node (SPEC §12): one row, read by each claim.

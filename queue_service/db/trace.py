@@ -73,7 +73,7 @@ _ATTEMPTS_SQL = sa.text(
     "WHERE job_id = ANY(:ids) ORDER BY job_id, attempt"
 )
 _FIRST_READY_SQL = sa.text(
-    "SELECT job_id, min(at) AS at FROM job_events WHERE job_id = ANY(:ids) AND event = 'ready' GROUP BY job_id"
+    "SELECT job_id, min(at) AS at FROM job_log WHERE job_id = ANY(:ids) AND event = 'ready' GROUP BY job_id"
 )
 _NODES_SQL = sa.text(
     "SELECT node_id, cpu_capacity, memory_capacity FROM nodes WHERE node_id = ANY(:ids) ORDER BY node_id"

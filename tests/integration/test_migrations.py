@@ -36,6 +36,7 @@ APPLICATION_TABLES = {
     "queue_rank_base",
     "queue_rank_deltas",
 }
+APPLICATION_VIEWS = {"job_log"}
 
 # Catalog queries whose results must be equal between the two databases.
 CATALOG_QUERIES = {
@@ -68,6 +69,9 @@ CATALOG_QUERIES = {
         FROM pg_proc
         WHERE pronamespace = 'public'::regnamespace
         ORDER BY 1
+    """,
+    "views": """
+        SELECT viewname, definition FROM pg_views WHERE schemaname = 'public' ORDER BY 1
     """,
     "sequences": """
         SELECT sequence_name, data_type FROM information_schema.sequences
@@ -148,7 +152,8 @@ async def test_migrated_catalog_equals_declared_catalog(
     for part in CATALOG_QUERIES:
         assert migrated[part] == declared[part], part
     # The diff is only as good as its coverage: everything declared shows up.
-    assert {row["table_name"] for row in migrated["columns"]} == APPLICATION_TABLES
+    assert {row["table_name"] for row in migrated["columns"]} == APPLICATION_TABLES | APPLICATION_VIEWS
+    assert {row["viewname"] for row in migrated["views"]} == APPLICATION_VIEWS
     declared_indexes = {index.name for table in tables.metadata.tables.values() for index in table.indexes}
     assert declared_indexes <= {row["indexname"] for row in migrated["indexes"]}
     declared_checks = {
@@ -202,3 +207,86 @@ async def test_hot_path_indexes_have_their_predicates(migrated_url: str) -> None
     for name, definition in EXPECTED_INDEXES.items():
         assert indexes[name].endswith(definition), (name, indexes[name])
     assert indexes["ux_job_attempts_one_running"].startswith("CREATE UNIQUE INDEX")
+
+
+# A log as the code before migration 0011 wrote it, every entry a row of job_events:
+# job_a ran once and succeeded; job_b waits on it; job_c was backfilled past job_b and
+# failed its first attempt, to be retried.
+_LOG_BEFORE_0011 = """
+INSERT INTO nodes (node_id, cpu_capacity, memory_capacity) VALUES ('n1', 8, 4096);
+INSERT INTO jobs (job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts, backoff_multiplier,
+                  initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, request_hash, attempt_budget,
+                  unfinished_deps, created_at, updated_at, ready_at, sort_key)
+VALUES ('job_a', 'report', 'high', 'ready', '{}', 2, 256, 3, 2, 1, 300, 0, 60, 'h', 3, 0,
+        '2026-01-01 00:00:00Z', '2026-01-01 00:00:00Z', '2026-01-01 00:00:00Z', 1),
+       ('job_b', 'email', 'normal', 'blocked', '{}', 1, 128, 3, 2, 1, 300, 0, 60, 'h', 3, 1,
+        '2026-01-01 00:00:00Z', '2026-01-01 00:00:00Z', NULL, NULL),
+       ('job_c', 'export', 'low', 'ready', '{}', 1, 64, 3, 2, 1, 300, 0, 60, 'h', 3, 0,
+        '2026-01-01 00:00:00.5Z', '2026-01-01 00:00:00.5Z', '2026-01-01 00:00:00.5Z', 2);
+INSERT INTO job_dependencies (job_id, depends_on_job_id) VALUES ('job_b', 'job_a');
+INSERT INTO job_events (job_id, at, attempt, level, event, message, data) VALUES
+    ('job_a', '2026-01-01 00:00:00Z', NULL, 'info', 'submitted', 'submitted as report',
+     '{"priority": "high", "cpu_units": 2, "memory_mb": 256}'),
+    ('job_a', '2026-01-01 00:00:00Z', NULL, 'info', 'ready', 'no dependencies', '{}'),
+    ('job_b', '2026-01-01 00:00:00Z', NULL, 'info', 'submitted', 'submitted as email',
+     '{"priority": "normal", "cpu_units": 1, "memory_mb": 128}'),
+    ('job_b', '2026-01-01 00:00:00Z', NULL, 'info', 'blocked', 'waiting for job_a', '{"waiting_for": ["job_a"]}'),
+    ('job_c', '2026-01-01 00:00:00.5Z', NULL, 'info', 'submitted', 'submitted as export',
+     '{"priority": "low", "cpu_units": 1, "memory_mb": 64}'),
+    ('job_c', '2026-01-01 00:00:00.5Z', NULL, 'info', 'ready', 'no dependencies', '{}');
+SELECT * FROM start_attempts(
+    ARRAY['job_a', 'job_c'], ARRAY[gen_random_uuid(), gen_random_uuid()], ARRAY[1, 1], ARRAY[2, 1], ARRAY[256, 64],
+    ARRAY[NULL, 'job_b'], '2026-01-01 00:00:01Z', '2026-01-01T00:00:01Z', 'n1', '2026-01-01 00:00:31Z', 'unheard'
+);
+UPDATE job_attempts SET ended_at = '2026-01-01 00:00:02Z', outcome = 'succeeded' WHERE job_id = 'job_a';
+UPDATE job_attempts SET ended_at = '2026-01-01 00:00:02Z', outcome = 'failed', error = 'boom' WHERE job_id = 'job_c';
+INSERT INTO job_events (job_id, at, attempt, level, event, message, data) VALUES
+    ('job_c', '2026-01-01 00:00:02Z', 1, 'warning', 'attempt_failed', 'attempt 1 failed: boom', '{"error": "boom"}'),
+    ('job_c', '2026-01-01 00:00:02Z', 1, 'info', 'retry_scheduled', 'retry in 1.0s', '{"delay_seconds": 1.0}'),
+    ('job_a', '2026-01-01 00:00:02Z', 1, 'info', 'succeeded', 'attempt 1 succeeded', '{}'),
+    ('job_b', '2026-01-01 00:00:02Z', NULL, 'info', 'ready', 'every dependency completed', '{}');
+"""
+_LOG_COLUMNS = "at, attempt, level, event, message, data"
+
+
+async def _logs(url: str, source: str) -> dict[str, list[tuple[Any, ...]]]:
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        rows = await connection.fetch(f"SELECT job_id, {_LOG_COLUMNS} FROM {source}")
+    finally:
+        await connection.close()
+    logs: dict[str, list[tuple[Any, ...]]] = {}
+    for row in rows:
+        logs.setdefault(row["job_id"], []).append(tuple(row)[1:])
+    return logs
+
+
+async def test_0011_keeps_every_log_as_it_read_both_ways(create_database: Callable[[], Awaitable[str]]) -> None:
+    """Migration 0011 reads the entries a job's rows record from the rows: a log written
+    before it reads the same after it, entry for entry and in order, and after its
+    downgrade again from job_events alone."""
+    url = await create_database()
+    await migrate.upgrade(url, "0010")
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await connection.execute(_LOG_BEFORE_0011)
+    finally:
+        await connection.close()
+    by_id = "job_events ORDER BY job_id, id"
+    before = await _logs(url, by_id)
+    assert [entry[3] for entry in before["job_c"]] == [
+        "submitted", "ready", "dispatched", "started", "attempt_failed", "retry_scheduled"
+    ]  # fmt: skip
+
+    await migrate.upgrade(url)
+    assert await _logs(url, "job_log ORDER BY job_id, at, step, seq") == before
+    # Only what no row of the job records is still written as an entry.
+    assert {event for log in (await _logs(url, by_id)).values() for *_, event, _, _ in log} == {
+        "blocked",
+        "attempt_failed",
+        "retry_scheduled",
+        "ready",
+    }
+
+    await migrate.downgrade(url, "0010")
+    assert await _logs(url, by_id) == before

@@ -93,7 +93,7 @@ HOT_PATHS = {
         "ix_job_dependencies_depends_on_job_id",
     ),
     "job log": (
-        "SELECT * FROM job_events WHERE job_id = 'job_42' ORDER BY id",
+        "SELECT * FROM job_log WHERE job_id = 'job_42' ORDER BY at, step, seq",
         "pk_job_events",
     ),
 }

@@ -224,7 +224,7 @@ async def test_a_lone_submission_answers_its_exact_position(engine: AsyncEngine,
         again = await jobs.submit_alone(conn, spec, "digest", datetime.now(UTC), policy, capacities)
         assert again is None
         events = (
-            await conn.execute(sa.text("SELECT count(*) FROM job_events WHERE job_id = :id"), {"id": spec.job_id})
+            await conn.execute(sa.text("SELECT count(*) FROM job_log WHERE job_id = :id"), {"id": spec.job_id})
         ).scalar_one()
     assert events == 2  # submitted, ready: once
 

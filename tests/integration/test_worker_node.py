@@ -653,7 +653,10 @@ async def test_a_start_logs_and_announces_each_job_as_the_log_and_stream_promise
     async with engine.connect() as conn:
         rows = (
             await conn.execute(
-                sa.text("SELECT job_id, attempt, level, event, message, data, at FROM job_events ORDER BY id")
+                sa.text(
+                    "SELECT job_id, attempt, level, event, message, data, at FROM job_log"
+                    " ORDER BY job_id DESC, at, step, seq"
+                )
             )
         ).all()
     assert [tuple(row[:6]) for row in rows if row.event in ("dispatched", "started")] == [

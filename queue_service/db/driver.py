@@ -44,15 +44,25 @@ log = logging.getLogger(__name__)
 POOL_CLOSE_SECONDS: Final = 5.0  # a driver pool still closing after this at shutdown is cut
 
 
+_RECORD_ATTRIBUTES: Final = frozenset(dir(asyncpg.Record))
+
+
 class Row(asyncpg.Record):
     """A driver row that also reads its columns as attributes, as SQLAlchemy's rows do,
-    so code reading rows does not care which path fetched them."""
+    so code reading rows does not care which path fetched them.
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    A column is looked up first: through `__getattr__`, every column read first failed
+    as an attribute, raising and catching an AttributeError (0.5 us a read where the
+    lookup by name takes 0.05; a drain reads some thirty a job). A Record's own
+    attributes (`get`, `keys`, ...) win over columns of the same name."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name not in _RECORD_ATTRIBUTES:
+            try:
+                return asyncpg.Record.__getitem__(self, name)
+            except KeyError:
+                pass
+        return object.__getattribute__(self, name)
 
 
 _DIALECT: Final = asyncpg_dialect()  # type: ignore[no-untyped-call]  # SQLAlchemy leaves it untyped

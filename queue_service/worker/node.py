@@ -419,6 +419,8 @@ class WorkerNode:
             return AttemptEnd(AttemptOutcome.FAILED, f"{type(error).__name__}: {error}")
         except asyncio.CancelledError:  # the handler cancelled itself
             return AttemptEnd(AttemptOutcome.FAILED, "the handler was cancelled from within")
+        if result is None:  # most handlers return nothing: no encoder to run
+            return AttemptEnd(AttemptOutcome.SUCCEEDED)
         try:
             json.dumps(result)
         except (TypeError, ValueError) as error:

@@ -43,6 +43,19 @@ async def test_a_statement_is_compiled_to_positional_form_once_per_name() -> Non
     assert statement.arguments({"b": 2, "a": 1}) == [1, 2]
 
 
+_COLUMNS_AND_RECORD_NAMES = driver.Statement(sa.text("SELECT 1 AS job_id, 2 AS keys, NULL AS missing_value"))
+
+
+async def test_a_row_reads_columns_as_attributes_and_keeps_its_record_methods(engine: AsyncEngine) -> None:
+    async with driver.transaction(engine) as conn:
+        row = await driver.one(conn, _COLUMNS_AND_RECORD_NAMES, {})
+    assert (row.job_id, row.missing_value) == (1, None)
+    assert list(row.keys()) == ["job_id", "keys", "missing_value"]  # the method, not the column
+    assert row["keys"] == 2 and row.get("job_id") == 1
+    with pytest.raises(AttributeError):
+        _ = row.no_such_column
+
+
 async def test_driver_and_sqlalchemy_statements_commit_together(engine: AsyncEngine) -> None:
     async with driver.transaction(engine) as conn:
         row = await driver.one(conn, _INSERT_NODE, {"node": "driver-a"})

@@ -51,7 +51,8 @@ async def test_a_row_reads_columns_as_attributes_and_keeps_its_record_methods(en
         row = await driver.one(conn, _COLUMNS_AND_RECORD_NAMES, {})
     assert (row.job_id, row.missing_value) == (1, None)
     assert list(row.keys()) == ["job_id", "keys", "missing_value"]  # the method, not the column
-    assert row["keys"] == 2 and row.get("job_id") == 1
+    assert row["keys"] == 2
+    assert row.get("job_id") == 1
     with pytest.raises(AttributeError):
         _ = row.no_such_column
 

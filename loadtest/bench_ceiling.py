@@ -42,10 +42,20 @@ from loadtest.peers import figure, ratio
 from queue_service.db import migrate
 from queue_service.db.embedded import bundled_program
 from queue_service.db.engine import asyncpg_dsn
-from queue_service.db.events import CHANNEL
+from queue_service.db.events import CHANNEL, grouped_notify_sql
 
 SEED_READY_JOBS: Final = 150_000  # more than a drain round of 64 starts in the longest run here
 _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
+
+
+def _announce(rows: str, status: str) -> str:
+    """A job.updated for each of `rows`, sent in groups as the service sends them."""
+    return grouped_notify_sql(
+        "SELECT json_build_object('event', 'job.updated', 'job_id', job_id, 'status', "
+        f"'{status}')::text AS payload, row_number() OVER (ORDER BY job_id) AS place FROM {rows}",
+        f"'{CHANNEL}'",
+    )
+
 
 # One job: row and notice (the lone submission's work).
 _JOB_COLUMNS: Final = (
@@ -60,10 +70,10 @@ WITH inserted AS (
            300, md5(g::text), 3, now(), extract(epoch FROM now())
     FROM generate_series(1, :jobs) AS g
     RETURNING job_id
+), announced AS (
+    {_announce("inserted", "ready")}
 )
-SELECT count(pg_notify('{CHANNEL}', json_build_object('event', 'job.updated', 'job_id', job_id,
-                                                      'status', 'ready')::text))
-FROM inserted;
+SELECT count(*) FROM announced;
 """
 
 # A drain round on node n1: end what the last round started, start :jobs more.
@@ -81,10 +91,10 @@ WITH ended AS (
     UPDATE nodes SET cpu_used = cpu_used - (SELECT coalesce(sum(cpu_units), 0) FROM ended),
                      memory_used = memory_used - (SELECT coalesce(sum(memory_mb), 0) FROM ended)
     WHERE node_id = 'n1'
+), announced AS (
+    {_announce("ended", "completed")}
 )
-SELECT count(pg_notify('{CHANNEL}', json_build_object('event', 'job.updated', 'job_id', job_id,
-                                                      'status', 'completed')::text))
-FROM ended;
+SELECT count(*) FROM announced;
 WITH chosen AS (
     SELECT job_id FROM jobs WHERE status = 'ready' ORDER BY sort_key, job_id LIMIT :jobs FOR UPDATE SKIP LOCKED
 ), started AS (
@@ -100,9 +110,7 @@ WITH chosen AS (
                      memory_used = memory_used + (SELECT coalesce(sum(memory_mb), 0) FROM started)
     WHERE node_id = 'n1'
 ), announced AS (
-    SELECT pg_notify('{CHANNEL}', json_build_object('event', 'job.updated', 'job_id', job_id,
-                                                    'status', 'running')::text)
-    FROM started
+    {_announce("started", "running")}
 )
 SELECT (SELECT count(*) FROM announced), (SELECT json_object_agg(job_id, payload) FROM started);
 COMMIT;

@@ -13,9 +13,15 @@ three runs): enqueue one by one 1.07-1.09x, in batches of 1000 1.31-1.41x, drain
 rounds of 8 and 64 within the machine's noise (0.86-1.12x); a batch of 1000
 submitted in process 87 -> 69 ms (client CPU 49 -> 40 ms).
 
+The start function also sends its announcements in groups, a JSON array of up to
+7000 bytes of them a notification (events.grouped_notify_sql), where each start
+was a notification of its own; listeners read either form.
+
 Upgrade: the column, each recorded backfill copied into it, the copies deleted
 from job_events (one DELETE, as long as the log is), the start function that no
-longer logs, the view. Downgrade writes the log back into
+longer logs, the view. Every process of the service must run this version: an
+earlier one would write the entries the log now reads from rows (they would show
+twice) and could not read grouped announcements. Downgrade writes the log back into
 job_events whole, in the view's order, so a log read by id reads the same.
 
 Frozen like 0001 and 0002.
@@ -107,16 +113,26 @@ BEGIN
                          memory_used = memory_used + (SELECT coalesce(sum(c.memory_mb), 0) FROM chosen AS c)
         WHERE nodes.node_id = node
     ), announced AS (
-        -- Each start's job.updated, in the order of the plan (delivered at commit).
-        SELECT pg_notify(channel, o.payload)
+        -- Each start's job.updated, in the order of the plan (delivered at commit), in
+        -- groups as events.grouped_notify_sql sends them: one notification a group.
+        SELECT pg_notify(channel, g.payload)
         FROM (
-            SELECT json_build_object(
-                       'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,
-                       'status', 'running', 'previous_status', 'ready', 'attempt', s.attempt, 'at', at_text
-                   )::text AS payload
-            FROM started AS s
-            ORDER BY s.place
-        ) AS o
+            SELECT CASE WHEN count(*) = 1 THEN min(c.payload)
+                        ELSE '[' || string_agg(c.payload, ',' ORDER BY c.place) || ']' END AS payload
+            FROM (
+                SELECT n.payload, n.place, sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / 7000 AS chunk
+                FROM (
+                    SELECT json_build_object(
+                               'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,
+                               'status', 'running', 'previous_status', 'ready', 'attempt', s.attempt, 'at', at_text
+                           )::text AS payload,
+                           s.place
+                    FROM started AS s
+                ) AS n
+            ) AS c
+            GROUP BY c.chunk
+            ORDER BY c.chunk
+        ) AS g
     )
     SELECT (SELECT json_object_agg(s.job_id, s.payload) FROM started AS s),
            (SELECT count(*) FROM announced);

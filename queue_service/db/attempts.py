@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -31,6 +31,7 @@ from queue_service.db.events import (
     StatusChange,
     announce,
     compact_json,
+    grouped_notify_sql,
     iso_z,
     log_arrays,
     write_log,
@@ -370,6 +371,13 @@ async def end_attempts(
 # after _RUNNING_ROWS_SQL locked the jobs, so it sees every edge a submitter committed
 # while holding its share lock (see jobs._lock_dependencies). Without dependants to
 # count down (or failures to propagate, when `wake` is false) it also wakes the dispatchers.
+# Each change's notice, then the wake-up if asked and no completed job has dependants
+# (their release wakes the dispatchers instead).
+_CLOSE_NOTICES: Final = """SELECT n.payload, n.place
+    FROM waiting CROSS JOIN LATERAL unnest(
+        CAST(:notices AS text[])
+        || CASE WHEN CAST(:wake AS boolean) AND NOT waiting.found THEN ARRAY[CAST(:wake_payload AS text)] END
+    ) WITH ORDINALITY AS n(payload, place)"""
 _CLOSE_SQL = driver.Statement(
     sa.text(
         f"""
@@ -392,11 +400,7 @@ _CLOSE_SQL = driver.Statement(
             SELECT FROM job_dependencies WHERE depends_on_job_id = ANY(CAST(:completed_ids AS text[]))
         ) AS found
     ), announced AS (
-        SELECT pg_notify(:channel, n.payload)
-        FROM waiting CROSS JOIN LATERAL unnest(
-            CAST(:notices AS text[])
-            || CASE WHEN CAST(:wake AS boolean) AND NOT waiting.found THEN ARRAY[CAST(:wake_payload AS text)] END
-        ) AS n(payload)
+        {grouped_notify_sql(_CLOSE_NOTICES)}
     )
     SELECT (SELECT found FROM waiting) AS waiting, (SELECT count(*) FROM announced) AS announced
     """

@@ -20,7 +20,11 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from queue_service.db import tables
 
 CHANNEL: Final = "taskqueue_events"
-# pg_notify payloads are limited to 8000 bytes; ours are small fixed-shape objects.
+# pg_notify payloads are limited to 8000 bytes; ours are small fixed-shape objects (a
+# few hundred bytes at most), sent as JSON arrays of up to GROUP_BYTES of them: one
+# notification for each group, where each object cost its own (the server queues,
+# and every listener receives and wakes for, each one).
+GROUP_BYTES: Final = 7000  # tables.START_ATTEMPTS_FUNCTION groups its own the same way
 WAKE_DISPATCH: Final = "dispatch.wake"
 DISPATCH_PAUSED: Final = "dispatch.paused"  # nodes stop waking for new work until resumed
 DISPATCH_RESUMED: Final = "dispatch.resumed"  # a node that found dispatch paused claims again at once
@@ -143,14 +147,45 @@ def queue_entry(
     }
 
 
+def grouped_notify_sql(notices: str, channel: str = ":channel") -> str:
+    """SQL that announces `notices` (a query of `payload` text, one JSON object each,
+    and `place`, their order) on `channel` in groups: each group one notification, a
+    JSON array of its objects in order (a group of one: the object alone). Groups end
+    past GROUP_BYTES, so a notification stays under PostgreSQL's limit. One row per
+    notification, in order; delivered at commit."""
+    return f"""SELECT pg_notify({channel}, g.payload)
+        FROM (
+            SELECT CASE WHEN count(*) = 1 THEN min(c.payload)
+                        ELSE '[' || string_agg(c.payload, ',' ORDER BY c.place) || ']' END AS payload
+            FROM (
+                SELECT n.payload, n.place,
+                       sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / {GROUP_BYTES} AS chunk
+                FROM ({notices}) AS n
+            ) AS c
+            GROUP BY c.chunk
+            ORDER BY c.chunk
+        ) AS g"""
+
+
+def notified_messages(payload: str) -> list[Any]:
+    """The messages of one notification: an object alone, or a group of them (see
+    grouped_notify_sql), in order. Raises orjson.JSONDecodeError when it is not JSON."""
+    decoded = orjson.loads(payload)
+    return decoded if isinstance(decoded, list) else [decoded]
+
+
+_ANNOUNCE_SQL: Final = sa.text(
+    grouped_notify_sql(
+        "SELECT p.payload, p.place FROM unnest(CAST(:payloads AS text[])) WITH ORDINALITY AS p(payload, place)"
+    )
+)
+
+
 async def announce(conn: AsyncConnection, messages: Sequence[Mapping[str, Any]]) -> None:
     """Queue NOTIFYs on the events channel; delivered at commit, in order."""
     if not messages:
         return
-    await conn.execute(
-        sa.text("SELECT pg_notify(:channel, payload) FROM unnest(CAST(:payloads AS text[])) AS payload"),
-        {"channel": CHANNEL, "payloads": [compact_json(m) for m in messages]},
-    )
+    await conn.execute(_ANNOUNCE_SQL, {"channel": CHANNEL, "payloads": [compact_json(m) for m in messages]})
 
 
 async def announce_changes(conn: AsyncConnection, changes: Sequence[StatusChange], *, wake: bool = False) -> None:

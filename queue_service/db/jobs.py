@@ -40,6 +40,7 @@ from queue_service.db.events import (
     LogEntry,
     StatusChange,
     compact_json,
+    grouped_notify_sql,
     iso_z,
     queue_entry,
 )
@@ -369,6 +370,11 @@ _INSERT_INTO_JOBS: Final = """INSERT INTO jobs (
 # build: the jobs from arrays, then only for the rows really inserted (ON CONFLICT
 # skips a job id or key a concurrent transaction committed first) their edges, log
 # entries and announcements. So a lost race writes nothing at all.
+# The batch's notices of the jobs inserted, and the wake-up (no job) if any was.
+_BATCH_NOTICES: Final = """SELECT n.payload, n.place
+    FROM unnest(CAST(:notice_jobs AS text[]), CAST(:notice_payloads AS text[]))
+        WITH ORDINALITY AS n(job_id, payload, place)
+    WHERE n.job_id IN (SELECT job_id FROM inserted) OR (n.job_id IS NULL AND EXISTS (SELECT FROM inserted))"""
 _INSERT_SQL: Final = driver.Statement(
     sa.text(
         f"""
@@ -408,10 +414,7 @@ _INSERT_SQL: Final = driver.Statement(
         WHERE l.job_id IN (SELECT job_id FROM inserted)
     ), announced AS (
         -- Delivered at commit, in array order; the last one (no job) wakes the dispatchers.
-        SELECT pg_notify(:channel, n.payload)
-        FROM unnest(CAST(:notice_jobs AS text[]), CAST(:notice_payloads AS text[])) AS n(job_id, payload)
-        WHERE n.job_id IN (SELECT job_id FROM inserted)
-           OR (n.job_id IS NULL AND EXISTS (SELECT FROM inserted))
+        {grouped_notify_sql(_BATCH_NOTICES)}
     )
     SELECT ARRAY(SELECT job_id FROM inserted) AS inserted, (SELECT count(*) FROM announced) AS announced
     """

@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 
 from queue_service.db.engine import asyncpg_dsn
-from queue_service.db.events import CHANNEL
+from queue_service.db.events import CHANNEL, notified_messages
 from queue_service.timeouts import event_set_within, stop_tasks
 
 RECONNECT_SECONDS: Final = 1.0
@@ -57,15 +57,19 @@ class EventListener:
         # orjson: every job's every change is heard by every node and API replica, and
         # the standard decoder was a twentieth of a busy node's time.
         try:
-            message = orjson.loads(str(payload))
+            messages = notified_messages(str(payload))
         except orjson.JSONDecodeError:
             log.warning("ignoring a malformed notification: %r", str(payload)[:200])
             return
-        for subscriber in list(self._subscribers):
-            try:
-                subscriber(message)
-            except Exception:  # one faulty subscriber must not silence the others
-                log.exception("event subscriber failed")
+        for message in messages:
+            if not isinstance(message, dict):
+                log.warning("ignoring a notification that is not an object: %r", str(message)[:200])
+                continue
+            for subscriber in list(self._subscribers):
+                try:
+                    subscriber(message)
+                except Exception:  # one faulty subscriber must not silence the others
+                    log.exception("event subscriber failed")
 
     async def _run(self) -> None:
         while True:

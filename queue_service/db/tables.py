@@ -555,16 +555,26 @@ BEGIN
                          memory_used = memory_used + (SELECT coalesce(sum(c.memory_mb), 0) FROM chosen AS c)
         WHERE nodes.node_id = node
     ), announced AS (
-        -- Each start's job.updated, in the order of the plan (delivered at commit).
-        SELECT pg_notify(channel, o.payload)
+        -- Each start's job.updated, in the order of the plan (delivered at commit), in
+        -- groups as events.grouped_notify_sql sends them: one notification a group.
+        SELECT pg_notify(channel, g.payload)
         FROM (
-            SELECT json_build_object(
-                       'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,
-                       'status', 'running', 'previous_status', 'ready', 'attempt', s.attempt, 'at', at_text
-                   )::text AS payload
-            FROM started AS s
-            ORDER BY s.place
-        ) AS o
+            SELECT CASE WHEN count(*) = 1 THEN min(c.payload)
+                        ELSE '[' || string_agg(c.payload, ',' ORDER BY c.place) || ']' END AS payload
+            FROM (
+                SELECT n.payload, n.place, sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / 7000 AS chunk
+                FROM (
+                    SELECT json_build_object(
+                               'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,
+                               'status', 'running', 'previous_status', 'ready', 'attempt', s.attempt, 'at', at_text
+                           )::text AS payload,
+                           s.place
+                    FROM started AS s
+                ) AS n
+            ) AS c
+            GROUP BY c.chunk
+            ORDER BY c.chunk
+        ) AS g
     )
     SELECT (SELECT json_object_agg(s.job_id, s.payload) FROM started AS s),
            (SELECT count(*) FROM announced);

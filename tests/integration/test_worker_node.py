@@ -23,7 +23,7 @@ from queue_service.core.validation import parse_job_spec
 from queue_service.db import attempts, jobs
 from queue_service.db.attempts import AttemptEnd
 from queue_service.db.engine import asyncpg_dsn, autocommit, create_engine
-from queue_service.db.events import StatusChange
+from queue_service.db.events import StatusChange, notified_messages
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings, normalize_database_url
 from queue_service.worker.leader import Leader
@@ -628,7 +628,7 @@ async def test_a_start_logs_and_announces_each_job_as_the_log_and_stream_promise
     await insert_ready(engine, [{"job_id": "job_b", "priority": "high"}, {"job_id": "job_a", "cpu": 2, "memory": 256}])
     heard: list[dict[str, Any]] = []
     listening = await asyncpg.connect(asyncpg_dsn(normalize_database_url(migrated_url)))
-    await listening.add_listener("taskqueue_events", lambda *args: heard.append(json.loads(args[-1])))
+    await listening.add_listener("taskqueue_events", lambda *args: heard.extend(notified_messages(args[-1])))
     now = datetime.now(UTC)
     queued = {
         job_id: attempts.Queued(job_id, "work", priority, 0, 0.0, cpu, memory, 30.0, now)

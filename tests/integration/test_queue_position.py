@@ -135,6 +135,35 @@ async def test_positions_follow_every_change_and_folding(engine: AsyncEngine, ma
     assert checked > 500
 
 
+async def test_positions_of_some_jobs_of_a_crowded_second_are_exact(engine: AsyncEngine, make_job: Any) -> None:
+    """Asked for some jobs of a second that holds many (a batch's, a page's), each
+    position counts the second's jobs before the first one asked for, those between,
+    and not those after: ready jobs on both sides, ties on the key, another second
+    before and after."""
+    rng = random.Random(11)
+    second = 1_767_225_600.0
+    keys = [second + rng.choice([0.0, 0.25, 0.5, 0.5, 0.999]) for _ in range(60)]
+    keys += [second - 0.5, second - 0.5, second + 1.0, second + 1.5]
+    async with engine.begin() as conn:
+        await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))
+        await _insert(conn, make_job, [(f"c{index:03d}", key) for index, key in enumerate(keys)])
+    for round_number in range(12):
+        async with engine.begin() as conn:
+            if round_number == 6:
+                await conn.execute(sa.text("SELECT queue_rank_compact()"))
+            ready = (
+                await conn.execute(
+                    sa.text(
+                        "SELECT job_id, sort_key, row_number() OVER (ORDER BY sort_key, job_id) - 1 AS expected"
+                        " FROM jobs WHERE status = 'ready'"
+                    )
+                )
+            ).all()
+            asked = rng.sample(ready, k=rng.randint(1, 8))
+            positions = await jobs.queue_positions(conn, asked)
+        assert positions == {r.job_id: r.expected for r in asked}
+
+
 async def test_folding_keeps_positions_and_empties_the_deltas(engine: AsyncEngine, seed: Any) -> None:
     async with engine.begin() as conn:
         await conn.execute(sa.text("TRUNCATE jobs, job_dependencies, job_attempts, job_events, queue_counters"))

@@ -166,7 +166,7 @@ def request_hash(spec: JobSpec, *, client_job_id: bool) -> str:
     canonical = {
         "job_id": spec.job_id if client_job_id else None,
         "type": spec.type,
-        "priority": spec.priority.value,
+        "priority": str(spec.priority),  # its value (a StrEnum), without the enum property's cost
         "payload": spec.payload,
         "resource_requirements": [spec.resources.cpu_units, spec.resources.memory_mb],
         "depends_on": list(spec.depends_on),

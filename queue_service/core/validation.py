@@ -158,6 +158,7 @@ def standard_json(document: Any, *, sort_keys: bool = False) -> bytes:
 
 
 _RESOURCES = Resources(c.DEFAULT_CPU_UNITS, c.DEFAULT_MEMORY_MB)
+_NORMAL: Final = str(Priority.NORMAL)  # the default, read once (an enum's `.value` is a slow property)
 
 
 def parse_job_spec(data: Mapping[str, Any], *, default_job_id: str, default_is_generated: bool = False) -> JobSpec:
@@ -177,7 +178,7 @@ def parse_job_spec(data: Mapping[str, Any], *, default_job_id: str, default_is_g
         check.fail(("type",), f"required: a string of 1 to {c.JOB_TYPE_MAX_LENGTH} characters")
         job_type = ""
 
-    raw_priority = data.get("priority", Priority.NORMAL.value)
+    raw_priority = data.get("priority", _NORMAL)
     try:
         priority = Priority(raw_priority)
     except ValueError:

@@ -120,7 +120,8 @@ BEGIN
             SELECT CASE WHEN count(*) = 1 THEN min(c.payload)
                         ELSE '[' || string_agg(c.payload, ',' ORDER BY c.place) || ']' END AS payload
             FROM (
-                SELECT n.payload, n.place, sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / 7000 AS chunk
+                SELECT n.payload, n.place,
+                       sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / 7000 AS chunk
                 FROM (
                     SELECT json_build_object(
                                'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,

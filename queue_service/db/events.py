@@ -20,11 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from queue_service.db import tables
 
 CHANNEL: Final = "taskqueue_events"
-# pg_notify payloads are limited to 8000 bytes; ours are small fixed-shape objects (a
-# few hundred bytes at most), sent as JSON arrays of up to GROUP_BYTES of them: one
-# notification for each group, where each object cost its own (the server queues,
-# and every listener receives and wakes for, each one).
-GROUP_BYTES: Final = 7000  # tables.START_ATTEMPTS_FUNCTION groups its own the same way
+# Messages go out in groups (tables.NOTIFY_GROUP_BYTES), one notification a group,
+# where each cost its own (the server queues, and every listener receives and wakes
+# for, each one).
 WAKE_DISPATCH: Final = "dispatch.wake"
 DISPATCH_PAUSED: Final = "dispatch.paused"  # nodes stop waking for new work until resumed
 DISPATCH_RESUMED: Final = "dispatch.resumed"  # a node that found dispatch paused claims again at once
@@ -151,7 +149,7 @@ def grouped_notify_sql(notices: str, channel: str = ":channel") -> str:
     """SQL that announces `notices` (a query of `payload` text, one JSON object each,
     and `place`, their order) on `channel` in groups: each group one notification, a
     JSON array of its objects in order (a group of one: the object alone). Groups end
-    past GROUP_BYTES, so a notification stays under PostgreSQL's limit. One row per
+    past tables.NOTIFY_GROUP_BYTES, so a notification stays under PostgreSQL's limit. One row per
     notification, in order; delivered at commit."""
     return f"""SELECT pg_notify({channel}, g.payload)
         FROM (
@@ -159,7 +157,7 @@ def grouped_notify_sql(notices: str, channel: str = ":channel") -> str:
                         ELSE '[' || string_agg(c.payload, ',' ORDER BY c.place) || ']' END AS payload
             FROM (
                 SELECT n.payload, n.place,
-                       sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / {GROUP_BYTES} AS chunk
+                       sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / {tables.NOTIFY_GROUP_BYTES} AS chunk
                 FROM ({notices}) AS n
             ) AS c
             GROUP BY c.chunk

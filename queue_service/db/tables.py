@@ -496,6 +496,10 @@ BEGIN
 END
 $$
 """
+# Announcements go out as JSON arrays of up to this many bytes of messages, one
+# notification a group (events.grouped_notify_sql; the start function below the same):
+# under PostgreSQL's 8000-byte limit, our messages being a few hundred bytes at most.
+NOTIFY_GROUP_BYTES: Final = 7000
 # A claim's start: the planned jobs to running, their attempt rows, the node's use,
 # from arrays, and the announcements it builds from them (migration 0007 tells why;
 # since 0011 its attempt rows are its log entries, read through job_log). One generic
@@ -503,7 +507,7 @@ $$
 # execution (half its cost for the one job an idle node starts); a generic plan is
 # made from whatever statistics there were, so only key lookups and nested loops are
 # allowed (migration 0006 tells why).
-START_ATTEMPTS_FUNCTION: Final = """
+START_ATTEMPTS_FUNCTION: Final = f"""
 CREATE FUNCTION start_attempts(
     ids text[], tokens uuid[], numbers integer[], cpu integer[], memory integer[], passed text[],
     at timestamptz, at_text text, node text, lease_until timestamptz, channel text
@@ -562,7 +566,8 @@ BEGIN
             SELECT CASE WHEN count(*) = 1 THEN min(c.payload)
                         ELSE '[' || string_agg(c.payload, ',' ORDER BY c.place) || ']' END AS payload
             FROM (
-                SELECT n.payload, n.place, sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / 7000 AS chunk
+                SELECT n.payload, n.place,
+                       sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / {NOTIFY_GROUP_BYTES} AS chunk
                 FROM (
                     SELECT json_build_object(
                                'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,

@@ -362,6 +362,15 @@ async def end_attempts(
     return [ending.job_id in owned and owned[ending.job_id][1] is ending.end for ending in endings]
 
 
+# Each change's notice, then the wake-up if asked and no completed job has dependants
+# (their release wakes the dispatchers instead).
+_CLOSE_NOTICES: Final = """SELECT n.payload, n.place
+    FROM waiting CROSS JOIN LATERAL unnest(
+        CAST(:notices AS text[])
+        || CASE WHEN CAST(:wake AS boolean) AND NOT waiting.found THEN ARRAY[CAST(:wake_payload AS text)] END
+    ) WITH ORDINALITY AS n(payload, place)"""
+
+
 # The rest of recording a batch of endings, after any retrying, failed or requeued jobs
 # are written: one statement, so the common batch (every attempt succeeded, no job
 # waiting on them) costs four round trips with BEGIN and COMMIT where it took nine.
@@ -371,13 +380,6 @@ async def end_attempts(
 # after _RUNNING_ROWS_SQL locked the jobs, so it sees every edge a submitter committed
 # while holding its share lock (see jobs._lock_dependencies). Without dependants to
 # count down (or failures to propagate, when `wake` is false) it also wakes the dispatchers.
-# Each change's notice, then the wake-up if asked and no completed job has dependants
-# (their release wakes the dispatchers instead).
-_CLOSE_NOTICES: Final = """SELECT n.payload, n.place
-    FROM waiting CROSS JOIN LATERAL unnest(
-        CAST(:notices AS text[])
-        || CASE WHEN CAST(:wake AS boolean) AND NOT waiting.found THEN ARRAY[CAST(:wake_payload AS text)] END
-    ) WITH ORDINALITY AS n(payload, place)"""
 _CLOSE_SQL = driver.Statement(
     sa.text(
         f"""

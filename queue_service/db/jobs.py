@@ -366,15 +366,15 @@ _INSERT_INTO_JOBS: Final = """INSERT INTO jobs (
             initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, idempotency_key, request_hash,
             attempt_budget, unfinished_deps, created_at, updated_at, ready_at, sort_key
         )"""
-# A whole submission in one statement and one round trip, with no per-row SQL to
-# build: the jobs from arrays, then only for the rows really inserted (ON CONFLICT
-# skips a job id or key a concurrent transaction committed first) their edges, log
-# entries and announcements. So a lost race writes nothing at all.
 # The batch's notices of the jobs inserted, and the wake-up (no job) if any was.
 _BATCH_NOTICES: Final = """SELECT n.payload, n.place
     FROM unnest(CAST(:notice_jobs AS text[]), CAST(:notice_payloads AS text[]))
         WITH ORDINALITY AS n(job_id, payload, place)
     WHERE n.job_id IN (SELECT job_id FROM inserted) OR (n.job_id IS NULL AND EXISTS (SELECT FROM inserted))"""
+# A whole submission in one statement and one round trip, with no per-row SQL to
+# build: the jobs from arrays, then only for the rows really inserted (ON CONFLICT
+# skips a job id or key a concurrent transaction committed first) their edges, log
+# entries and announcements. So a lost race writes nothing at all.
 _INSERT_SQL: Final = driver.Statement(
     sa.text(
         f"""

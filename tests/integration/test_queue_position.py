@@ -58,15 +58,20 @@ async def _insert(conn: AsyncConnection, make_job: Any, rows: list[tuple[str, fl
     await conn.execute(sa.insert(tables.jobs), values)
 
 
-async def _assert_positions_exact(conn: AsyncConnection) -> int:
-    ready = (
+async def _ready_with_expected_positions(conn: AsyncConnection) -> list[Any]:
+    """Every ready job (job_id, sort_key) with its position by a plain count (`expected`)."""
+    return list(
         await conn.execute(
             sa.text(
                 "SELECT job_id, sort_key, row_number() OVER (ORDER BY sort_key, job_id) - 1 AS expected"
                 " FROM jobs WHERE status = 'ready'"
             )
         )
-    ).all()
+    )
+
+
+async def _assert_positions_exact(conn: AsyncConnection) -> int:
+    ready = await _ready_with_expected_positions(conn)
     positions = await jobs.queue_positions(conn, ready)
     wrong = {r.job_id: (positions.get(r.job_id), r.expected) for r in ready if positions.get(r.job_id) != r.expected}
     assert not wrong, f"{len(wrong)} of {len(ready)} positions wrong (got, expected): {list(wrong.items())[:5]}"
@@ -151,15 +156,7 @@ async def test_positions_of_some_jobs_of_a_crowded_second_are_exact(engine: Asyn
         async with engine.begin() as conn:
             if round_number == 6:
                 await conn.execute(sa.text("SELECT queue_rank_compact()"))
-            ready = (
-                await conn.execute(
-                    sa.text(
-                        "SELECT job_id, sort_key, row_number() OVER (ORDER BY sort_key, job_id) - 1 AS expected"
-                        " FROM jobs WHERE status = 'ready'"
-                    )
-                )
-            ).all()
-            asked = rng.sample(ready, k=rng.randint(1, 8))
+            asked = rng.sample(await _ready_with_expected_positions(conn), k=rng.randint(1, 8))
             positions = await jobs.queue_positions(conn, asked)
         assert positions == {r.job_id: r.expected for r in asked}
 

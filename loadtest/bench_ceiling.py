@@ -42,7 +42,8 @@ from loadtest.peers import figure, ratio
 from queue_service.db import migrate
 from queue_service.db.embedded import bundled_program
 from queue_service.db.engine import asyncpg_dsn
-from queue_service.db.events import CHANNEL, grouped_notify_sql
+from queue_service.db.events import CHANNEL
+from queue_service.db.tables import grouped_notify_sql
 
 SEED_READY_JOBS: Final = 150_000  # more than a drain round of 64 starts in the longest run here
 _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")

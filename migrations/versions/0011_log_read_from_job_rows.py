@@ -14,7 +14,7 @@ rounds of 8 and 64 within the machine's noise (0.86-1.12x); a batch of 1000
 submitted in process 87 -> 69 ms (client CPU 49 -> 40 ms).
 
 The start function also sends its announcements in groups, a JSON array of up to
-7000 bytes of them a notification (events.grouped_notify_sql), where each start
+7000 bytes of them a notification (tables.grouped_notify_sql), where each start
 was a notification of its own; listeners read either form.
 
 Upgrade: the column, each recorded backfill copied into it, the copies deleted
@@ -114,7 +114,7 @@ BEGIN
         WHERE nodes.node_id = node
     ), announced AS (
         -- Each start's job.updated, in the order of the plan (delivered at commit), in
-        -- groups as events.grouped_notify_sql sends them: one notification a group.
+        -- groups (grouped_notify_sql): one notification a group.
         SELECT pg_notify(channel, g.payload)
         FROM (
             SELECT CASE WHEN count(*) = 1 THEN min(c.payload)
@@ -122,14 +122,11 @@ BEGIN
             FROM (
                 SELECT n.payload, n.place,
                        sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / 7000 AS chunk
-                FROM (
-                    SELECT json_build_object(
-                               'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,
-                               'status', 'running', 'previous_status', 'ready', 'attempt', s.attempt, 'at', at_text
-                           )::text AS payload,
-                           s.place
-                    FROM started AS s
-                ) AS n
+                FROM (SELECT json_build_object(
+            'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,
+            'status', 'running', 'previous_status', 'ready', 'attempt', s.attempt, 'at', at_text
+        )::text AS payload, s.place
+    FROM started AS s) AS n
             ) AS c
             GROUP BY c.chunk
             ORDER BY c.chunk

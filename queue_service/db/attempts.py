@@ -19,7 +19,7 @@ from queue_service.core import execution, states
 from queue_service.core.errors import QueueError
 from queue_service.core.model import ZERO, AttemptOutcome, JobStatus, Resources, RetryConfig
 from queue_service.core.policy import Candidate, PolicyConfig, RunningJob, Start, first_read, is_complete, plan
-from queue_service.db import driver, lifecycle
+from queue_service.db import driver, lifecycle, tables
 from queue_service.db.events import (
     CANCEL_ATTEMPT,
     CHANNEL,
@@ -31,7 +31,6 @@ from queue_service.db.events import (
     StatusChange,
     announce,
     compact_json,
-    grouped_notify_sql,
     iso_z,
     log_arrays,
     write_log,
@@ -402,7 +401,7 @@ _CLOSE_SQL = driver.Statement(
             SELECT FROM job_dependencies WHERE depends_on_job_id = ANY(CAST(:completed_ids AS text[]))
         ) AS found
     ), announced AS (
-        {grouped_notify_sql(_CLOSE_NOTICES)}
+        {tables.grouped_notify_sql(_CLOSE_NOTICES)}
     )
     SELECT (SELECT found FROM waiting) AS waiting, (SELECT count(*) FROM announced) AS announced
     """

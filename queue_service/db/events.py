@@ -18,9 +18,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from queue_service.db import tables
+from queue_service.db.tables import grouped_notify_sql
 
 CHANNEL: Final = "taskqueue_events"
-# Messages go out in groups (tables.NOTIFY_GROUP_BYTES), one notification a group,
+# Messages go out in groups (tables.grouped_notify_sql), one notification a group,
 # where each cost its own (the server queues, and every listener receives and wakes
 # for, each one).
 WAKE_DISPATCH: Final = "dispatch.wake"
@@ -145,29 +146,9 @@ def queue_entry(
     }
 
 
-def grouped_notify_sql(notices: str, channel: str = ":channel") -> str:
-    """SQL that announces `notices` (a query of `payload` text, one JSON object each,
-    and `place`, their order) on `channel` in groups: each group one notification, a
-    JSON array of its objects in order (a group of one: the object alone). Groups end
-    past tables.NOTIFY_GROUP_BYTES, so a notification stays under PostgreSQL's limit. One row per
-    notification, in order; delivered at commit."""
-    return f"""SELECT pg_notify({channel}, g.payload)
-        FROM (
-            SELECT CASE WHEN count(*) = 1 THEN min(c.payload)
-                        ELSE '[' || string_agg(c.payload, ',' ORDER BY c.place) || ']' END AS payload
-            FROM (
-                SELECT n.payload, n.place,
-                       sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / {tables.NOTIFY_GROUP_BYTES} AS chunk
-                FROM ({notices}) AS n
-            ) AS c
-            GROUP BY c.chunk
-            ORDER BY c.chunk
-        ) AS g"""
-
-
 def notified_messages(payload: str) -> list[Any]:
     """The messages of one notification: an object alone, or a group of them (see
-    grouped_notify_sql), in order. Raises orjson.JSONDecodeError when it is not JSON."""
+    tables.grouped_notify_sql), in order. Raises orjson.JSONDecodeError when it is not JSON."""
     decoded = orjson.loads(payload)
     return decoded if isinstance(decoded, list) else [decoded]
 

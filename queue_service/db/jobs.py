@@ -40,7 +40,6 @@ from queue_service.db.events import (
     LogEntry,
     StatusChange,
     compact_json,
-    grouped_notify_sql,
     iso_z,
     queue_entry,
 )
@@ -414,7 +413,7 @@ _INSERT_SQL: Final = driver.Statement(
         WHERE l.job_id IN (SELECT job_id FROM inserted)
     ), announced AS (
         -- Delivered at commit, in array order; the last one (no job) wakes the dispatchers.
-        {grouped_notify_sql(_BATCH_NOTICES)}
+        {tables.grouped_notify_sql(_BATCH_NOTICES)}
     )
     SELECT ARRAY(SELECT job_id FROM inserted) AS inserted, (SELECT count(*) FROM announced) AS announced
     """

@@ -497,9 +497,37 @@ END
 $$
 """
 # Announcements go out as JSON arrays of up to this many bytes of messages, one
-# notification a group (events.grouped_notify_sql; the start function below the same):
-# under PostgreSQL's 8000-byte limit, our messages being a few hundred bytes at most.
+# notification a group: under PostgreSQL's 8000-byte limit, our messages being a few
+# hundred bytes at most.
 NOTIFY_GROUP_BYTES: Final = 7000
+
+
+def grouped_notify_sql(notices: str, channel: str = ":channel") -> str:
+    """SQL that announces `notices` (a query of `payload` text, one JSON object each,
+    and `place`, their order) on `channel` in groups: each group one notification, a
+    JSON array of its objects in order (a group of one: the object alone). Groups end
+    past NOTIFY_GROUP_BYTES, so a notification stays under PostgreSQL's limit. One row per
+    notification, in order; delivered at commit."""
+    return f"""SELECT pg_notify({channel}, g.payload)
+        FROM (
+            SELECT CASE WHEN count(*) = 1 THEN min(c.payload)
+                        ELSE '[' || string_agg(c.payload, ',' ORDER BY c.place) || ']' END AS payload
+            FROM (
+                SELECT n.payload, n.place,
+                       sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / {NOTIFY_GROUP_BYTES} AS chunk
+                FROM ({notices}) AS n
+            ) AS c
+            GROUP BY c.chunk
+            ORDER BY c.chunk
+        ) AS g"""
+
+
+# Each start's job.updated, in the order of the plan.
+_START_NOTICES: Final = """SELECT json_build_object(
+            'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,
+            'status', 'running', 'previous_status', 'ready', 'attempt', s.attempt, 'at', at_text
+        )::text AS payload, s.place
+    FROM started AS s"""
 # A claim's start: the planned jobs to running, their attempt rows, the node's use,
 # from arrays, and the announcements it builds from them (migration 0007 tells why;
 # since 0011 its attempt rows are its log entries, read through job_log). One generic
@@ -560,26 +588,8 @@ BEGIN
         WHERE nodes.node_id = node
     ), announced AS (
         -- Each start's job.updated, in the order of the plan (delivered at commit), in
-        -- groups as events.grouped_notify_sql sends them: one notification a group.
-        SELECT pg_notify(channel, g.payload)
-        FROM (
-            SELECT CASE WHEN count(*) = 1 THEN min(c.payload)
-                        ELSE '[' || string_agg(c.payload, ',' ORDER BY c.place) || ']' END AS payload
-            FROM (
-                SELECT n.payload, n.place,
-                       sum(octet_length(n.payload) + 1) OVER (ORDER BY n.place) / {NOTIFY_GROUP_BYTES} AS chunk
-                FROM (
-                    SELECT json_build_object(
-                               'event', 'job.updated', 'job_id', s.job_id, 'type', s.type, 'priority', s.priority,
-                               'status', 'running', 'previous_status', 'ready', 'attempt', s.attempt, 'at', at_text
-                           )::text AS payload,
-                           s.place
-                    FROM started AS s
-                ) AS n
-            ) AS c
-            GROUP BY c.chunk
-            ORDER BY c.chunk
-        ) AS g
+        -- groups (grouped_notify_sql): one notification a group.
+        {grouped_notify_sql(_START_NOTICES, "channel")}
     )
     SELECT (SELECT json_object_agg(s.job_id, s.payload) FROM started AS s),
            (SELECT count(*) FROM announced);

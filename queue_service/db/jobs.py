@@ -834,58 +834,16 @@ async def _public_rows(conn: driver.Executor, rows: Sequence[Any]) -> list[dict[
 
 _LOWEST_BUCKET: Final = -(2**63)
 
-# Positions, per second of sort_key that holds asked-for jobs: the bucket counts
-# (folded base rows and not yet folded deltas) of the ranges `bucket_ranges` names for
-# that second and of the second itself (`own_second`), less the ready jobs of that
-# second at or after its first asked-for job, plus each job's number among the ready
-# jobs from that first one to the last, numbered on the ready-queue index: as
-# `queue_position` counts a lone job, so a second a burst has filled is not numbered
-# from its start (a batch of 1000 numbered every earlier batch of its second: 12 ms
-# for 5,000 rows). Seconds of one minute share their minute's, hour's and day's
-# ranges: each distinct range is summed once (a page of 50 ready jobs asked 200
-# ranges, 71 of them distinct).
+# Positions of several ready jobs: see tables.QUEUE_POSITIONS_FUNCTION.
 POSITIONS_SQL: Final = driver.Statement(
     sa.text(
         """
-    WITH seconds AS (
-        SELECT * FROM unnest(
-            CAST(:seconds AS float8[]), CAST(:first_keys AS float8[]), CAST(:first_ids AS text[]),
-            CAST(:last_keys AS float8[]), CAST(:last_ids AS text[])
-        ) AS s(second, first_key, first_id, last_key, last_id)
-    ), ranges AS (
-        SELECT * FROM unnest(
-            CAST(:range_levels AS smallint[]), CAST(:range_lows AS bigint[]), CAST(:range_highs AS bigint[])
-        ) WITH ORDINALITY AS r(level, low, high, range_number)
-    ), counted AS (
-        SELECT r.range_number, sum(c.jobs) AS jobs
-        FROM ranges AS r CROSS JOIN LATERAL (
-            SELECT coalesce(sum(b.jobs), 0) AS jobs FROM queue_rank_base AS b
-            WHERE b.level = r.level AND b.bucket >= r.low AND b.bucket < r.high
-            UNION ALL
-            SELECT coalesce(sum(d.delta), 0) FROM queue_rank_deltas AS d
-            WHERE d.level = r.level AND d.bucket >= r.low AND d.bucket < r.high
-        ) AS c
-        GROUP BY r.range_number
-    ), through_second AS (
-        SELECT u.second, sum(counted.jobs) AS jobs
-        FROM unnest(CAST(:use_seconds AS float8[]), CAST(:use_ranges AS bigint[])) AS u(second, range_number)
-        JOIN counted USING (range_number)
-        GROUP BY u.second
-    )
-    SELECT numbered.job_id, through_second.jobs - later.jobs + numbered.within AS position
-    FROM seconds JOIN through_second USING (second)
-    CROSS JOIN LATERAL (
-        SELECT count(*) AS jobs FROM jobs AS j
-        WHERE j.status = 'ready' AND (j.sort_key, j.job_id) >= (seconds.first_key, seconds.first_id)
-          AND j.sort_key < seconds.second + 1
-    ) AS later
-    CROSS JOIN LATERAL (
-        SELECT j.job_id, row_number() OVER (ORDER BY j.sort_key, j.job_id) - 1 AS within
-        FROM jobs AS j
-        WHERE j.status = 'ready' AND (j.sort_key, j.job_id) >= (seconds.first_key, seconds.first_id)
-          AND (j.sort_key, j.job_id) <= (seconds.last_key, seconds.last_id)
-    ) AS numbered
-    WHERE numbered.job_id = ANY(CAST(:ids AS text[]))
+    SELECT p.job_id, p.ahead AS position FROM queue_positions(
+        CAST(:seconds AS float8[]), CAST(:first_keys AS float8[]), CAST(:first_ids AS text[]),
+        CAST(:last_keys AS float8[]), CAST(:last_ids AS text[]), CAST(:range_levels AS smallint[]),
+        CAST(:range_lows AS bigint[]), CAST(:range_highs AS bigint[]), CAST(:use_seconds AS float8[]),
+        CAST(:use_ranges AS bigint[]), CAST(:ids AS text[])
+    ) AS p
     """
     )
 )

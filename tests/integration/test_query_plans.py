@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import pytest
 import sqlalchemy as sa
+from nested_plans import nested_plans
 from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -25,7 +26,7 @@ from sqlalchemy.pool import NullPool
 from queue_service.core.model import Resources
 from queue_service.core.policy import PolicyConfig
 from queue_service.core.validation import parse_job_spec
-from queue_service.db import attempts, insight, jobs, migrate, tables
+from queue_service.db import attempts, driver, insight, jobs, migrate, tables
 from queue_service.db.engine import asyncpg_dsn
 from queue_service.settings import normalize_database_url
 
@@ -387,14 +388,8 @@ async def test_starting_a_job_looks_it_up_by_key_whatever_the_statistics(
             " ARRAY[NULL], now(), 'at', 'n', now() + interval '30 seconds', 'jobs')"
         )
         started = await connection.fetchrow(start, "burst_05000")  # the plan is made here, then kept
-        # auto_explain reports the plan of the statement inside the function, sent to us as a log message.
-        plans: list[str] = []
-        connection.add_log_listener(lambda _conn, message: plans.append(message.message))
-        await connection.execute(
-            "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on;"
-            " SET client_min_messages = log"
-        )
-        await connection.fetchrow(start, "burst_09999")
+        async with nested_plans(connection) as plans:
+            await connection.fetchrow(start, "burst_09999")
         running = await connection.fetch("SELECT job_id, attempts FROM jobs WHERE status = 'running' ORDER BY job_id")
     finally:
         await connection.close()
@@ -407,6 +402,72 @@ async def test_starting_a_job_looks_it_up_by_key_whatever_the_statistics(
     assert "ix_jobs_ready_queue" not in plan, plan  # it holds ids after sort keys: a scan of all of it
     assert "Hash Join" not in plan, plan
     assert "Merge Join" not in plan, plan
+
+
+async def test_ready_queue_reads_keep_to_its_index_whatever_the_statistics(
+    create_database: Callable[[], Coroutine[Any, Any, str]],
+) -> None:
+    """A claim's window, a lone job's position and several jobs' positions each keep one
+    generic plan per connection, made from the statistics of the moment: here those of a
+    new queue's first ten jobs, analysed before a burst of 10,000, under which the plain
+    count of a second's ready jobs reads the whole table (and others, through
+    ix_jobs_status_created, every ready job). Each read must take the ready-queue index
+    in queue order, unsorted."""
+    url = await create_database()
+    await migrate.upgrade(url)
+    connection = await asyncpg.connect(asyncpg_dsn(url))
+    try:
+        await submit_burst(url, range(10))
+        await connection.execute("ANALYZE jobs")
+        await submit_burst(url, range(10, 10_010))
+        count_of_second = (
+            "SELECT count(*) FROM jobs AS j WHERE j.status = 'ready' AND (j.sort_key, j.job_id) >= ($1, $2)"
+            " AND j.sort_key < floor($1) + 1"
+        )
+        await connection.execute(f"SET plan_cache_mode = force_generic_plan; PREPARE trap AS {count_of_second}")
+        trap = "\n".join(r[0] for r in await connection.fetch("EXPLAIN EXECUTE trap(0, 'job')"))
+        await connection.execute("RESET plan_cache_mode")
+        asked = await connection.fetch(
+            "SELECT job_id, sort_key FROM jobs WHERE job_id IN ('burst_10000', 'burst_10009') ORDER BY job_id",
+            record_class=driver.Row,  # columns as attributes, as positions_parameters reads them
+        )
+        last = asked[-1]
+        ranges = [*jobs.bucket_ranges(last["sort_key"]), jobs.own_second(last["sort_key"])]
+        lone = "SELECT queue_position($1, $2, $3, $4, $5)"
+        lone_arguments = (
+            last["sort_key"],
+            last["job_id"],
+            [level for level, _, _ in ranges],
+            [low for _, low, _ in ranges],
+            [high for _, _, high in ranges],
+        )
+        several = jobs.POSITIONS_SQL.sql
+        several_arguments = jobs.POSITIONS_SQL.arguments(jobs.positions_parameters(asked))
+        # Each connection's plans are made at its first call: these, after the burst.
+        await connection.fetch("SELECT * FROM ready_window(16)")
+        await connection.fetchval(lone, *lone_arguments)
+        await connection.fetch(several, *several_arguments)
+        async with nested_plans(connection) as plans:
+            window = await connection.fetch("SELECT job_id FROM ready_window(16)")
+            lone_position = await connection.fetchval(lone, *lone_arguments)
+            positions = await connection.fetch(several, *several_arguments)
+    finally:
+        await connection.close()
+    assert "ix_jobs_ready_queue" not in trap, trap  # the trap is real on this server
+    assert [r["job_id"] for r in window] == [f"burst_{i:05}" for i in range(16)]
+    assert lone_position == 10_009
+    assert sorted((r["job_id"], r["position"]) for r in positions) == [("burst_10000", 10_000), ("burst_10009", 10_009)]
+    reads = {
+        "window": [p for p in plans if "LIMIT size" in p],
+        "lone position": [p for p in plans if "floor(key)" in p and "queue_position(" not in p],
+        "several positions": [p for p in plans if "numbered" in p],
+    }
+    for name, found in reads.items():
+        [plan] = found
+        assert "ix_jobs_ready_queue" in plan, (name, plan)
+        assert "ix_jobs_status_created" not in plan, (name, plan)
+        assert "Seq Scan on jobs" not in plan, (name, plan)
+        assert "Sort Key: j" not in plan, (name, plan)
 
 
 async def test_the_replay_check_finds_ids_and_keys_by_index_in_a_generic_plan(populated_url: str) -> None:

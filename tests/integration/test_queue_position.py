@@ -15,15 +15,17 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import asyncpg
 import pytest
 import sqlalchemy as sa
+from nested_plans import nested_plans
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from queue_service.core.model import Priority, Resources
 from queue_service.core.policy import PolicyConfig
 from queue_service.core.validation import parse_job_spec
-from queue_service.db import insight, jobs, tables
-from queue_service.db.engine import autocommit, create_engine
+from queue_service.db import driver, insight, jobs, tables
+from queue_service.db.engine import asyncpg_dsn, autocommit, create_engine
 from queue_service.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -200,14 +202,18 @@ async def test_the_position_query_reads_indexes_only(engine: AsyncEngine, seed: 
     async with engine.connect() as conn:
         await conn.execute(sa.text("COMMIT"))
         await conn.execute(sa.text("VACUUM ANALYZE jobs, queue_rank_base, queue_rank_deltas"))
-    async with engine.begin() as conn:
-        last = (
-            await conn.execute(
-                sa.text("SELECT job_id, sort_key FROM jobs WHERE status = 'ready' ORDER BY sort_key DESC LIMIT 1")
-            )
-        ).one()
-        params = jobs.positions_parameters([last])
-        plan = "\n".join(r[0] for r in await conn.execute(sa.text("EXPLAIN " + jobs.POSITIONS_SQL.text), params))
+    connection = await asyncpg.connect(asyncpg_dsn(engine.url.render_as_string(hide_password=False)))
+    try:
+        last = await connection.fetchrow(
+            "SELECT job_id, sort_key FROM jobs WHERE status = 'ready' ORDER BY sort_key DESC LIMIT 1",
+            record_class=driver.Row,
+        )
+        arguments = jobs.POSITIONS_SQL.arguments(jobs.positions_parameters([last]))
+        async with nested_plans(connection) as plans:
+            await connection.fetch(jobs.POSITIONS_SQL.sql, *arguments)
+    finally:
+        await connection.close()
+    [plan] = [p for p in plans if "numbered" in p]  # the function's statement
     assert "ix_jobs_ready_queue" in plan, plan
     assert "Seq Scan" not in plan, plan
 
@@ -315,13 +321,13 @@ async def test_a_lone_submission_keeps_one_plan_beside_a_long_queue(engine: Asyn
 
 
 async def _position_read_pages(conn: AsyncConnection, job_id: str) -> int:
-    """Shared buffers one job's position read touches (EXPLAIN ANALYZE runs it)."""
+    """Shared buffers one job's position read touches (EXPLAIN ANALYZE runs it), once the
+    connection has planned it: the catalog reads of a first call are not the read's."""
     row = (await conn.execute(sa.text("SELECT job_id, sort_key FROM jobs WHERE job_id = :id"), {"id": job_id})).one()
+    parameters = jobs.positions_parameters([row])
+    await conn.execute(sa.text(jobs.POSITIONS_SQL.text), parameters)
     plan = (
-        await conn.execute(
-            sa.text("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + jobs.POSITIONS_SQL.text),
-            jobs.positions_parameters([row]),
-        )
+        await conn.execute(sa.text("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + jobs.POSITIONS_SQL.text), parameters)
     ).scalar_one()
     top = plan[0]["Plan"]
     return int(top["Shared Hit Blocks"] + top["Shared Read Blocks"])
@@ -356,9 +362,9 @@ async def without_autovacuum(engine: AsyncEngine) -> AsyncIterator[None]:
 async def test_vacuum_after_folding_keeps_the_position_read_small(engine: AsyncEngine, make_job: Any) -> None:
     """A minute of one-by-one submissions, folded every second. Each statement updates
     its process's delta row of a bucket in place and a fold deletes a handful of rows,
-    so the position read stays at a few dozen pages (26 here, where 0002's appended
-    deltas left 170); the leader's VACUUM after folding (vacuum_folded) brings it back
-    to what a fresh table reads (9)."""
+    so the position read stays at a few dozen pages (18 here, where 0002's appended
+    deltas left 170; its reads of the bucket tables go by their keys, migration 0012),
+    and the leader's VACUUM after folding (vacuum_folded) does not let it grow."""
     async with engine.begin() as conn:
         await conn.execute(_EMPTY_WITH_BUCKETS)
     base = 1_767_225_600.0
@@ -377,7 +383,7 @@ async def test_vacuum_after_folding_keeps_the_position_read_small(engine: AsyncE
         vacuumed = await _position_read_pages(conn, "churn_59_79")
         assert await _assert_positions_exact(conn) == 4800
     assert churned < 60, churned
-    assert vacuumed < churned, (churned, vacuumed)
+    assert vacuumed <= churned, (churned, vacuumed)
 
 
 async def test_concurrent_writers_and_folds_lose_no_change(migrated_url: str, make_job: Any) -> None:

@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from queue_service.core import dag, states
-from queue_service.core.errors import FieldProblem, InvalidJob, UnknownDependency
+from queue_service.core.errors import DependencyNotViable, FieldProblem, InvalidJob, UnknownDependency, Unschedulable
 from queue_service.core.model import JobSpec, JobStatus, Resources
 from queue_service.core.policy import PolicyConfig, sort_key
 from queue_service.core.validation import check_schedulable, generated_job_id, is_valid_job_id, standard_json
@@ -45,13 +45,9 @@ from queue_service.db.events import (
 )
 from queue_service.db.lifecycle import epoch
 
-# Rows per multi-VALUES insert: ~21 parameters a row stays well under the
-# protocol's 32767 bind parameters per statement.
 # A submission that loses a race to an identical concurrent one is re-run this
 # many times; the re-run sees the winner's committed row and answers with it.
 RACE_ATTEMPTS: Final = 3
-
-# SQLSTATEs after which the whole transaction may simply run again.
 
 _jobs = tables.jobs
 
@@ -113,17 +109,28 @@ async def submit_request(
 ) -> list[Submitted]:
     """One request's jobs, in transactions of their own: what POST /jobs and POST
     /jobs/batch run. A lone job depending on nothing is one statement (`submit_alone`);
-    a stored id or key makes it write nothing, and `submit` then tells a replay from a
-    conflict. `capacities` reads the live nodes' (or the default) on the connection used."""
+    a stored id or key, or a job that fits no node, makes it write nothing, and `submit`
+    then answers the replay, the conflict or the refusal. `capacities` reads the live
+    nodes' (or the default) on the connection used."""
+    maybe_replay = False
     if can_submit_alone(specs):
         async with driver.pooled(engine) as conn:
             alone = await submit_alone(conn, specs[0], request_hashes[0], clock(), policy, await capacities(conn))
         if alone is not None:
             return [alone]
+        maybe_replay = True  # its id or key is stored, or it fits no node (refused unless a replay)
     for attempt in range(1, SUBMIT_ATTEMPTS + 1):
         try:
             async with driver.transaction(engine) as conn:
-                return await submit(conn, specs, request_hashes, clock(), policy, await capacities(conn))
+                return await submit(
+                    conn,
+                    specs,
+                    request_hashes,
+                    clock(),
+                    policy,
+                    await capacities(conn),
+                    read_replays_first=maybe_replay,
+                )
         except DBAPIError as error:
             # A deadlock with a completing dependency (we share-lock a parent and its child
             # while the parent's completion locks the child) is resolved by running again.
@@ -139,6 +146,8 @@ async def submit(
     now: datetime,
     policy: PolicyConfig,
     capacities: Sequence[Resources],
+    *,
+    read_replays_first: bool = False,
 ) -> list[Submitted]:
     """Create the jobs of one request, all or nothing, answering in input order.
 
@@ -146,6 +155,7 @@ async def submit(
     request hash is a replay: the original is returned and nothing is created; with
     another hash it is a 409 error. `capacities` are the live nodes' (or the
     configured default when none is live); a job must fit one of them.
+    `read_replays_first`: the caller expects a replay (an id or key it knows is stored).
     """
     if len(specs) != len(request_hashes):
         raise ValueError("one request hash per spec")
@@ -154,19 +164,34 @@ async def submit(
     specs = _distinct_generated_ids(specs)
     _check_batch_identity(specs)
     dag.check_acyclic({spec.job_id: spec.depends_on for spec in specs})
-    for _ in range(RACE_ATTEMPTS):
+    # The first try inserts without reading for replays: a new submission, the common
+    # one, then costs one statement less. Should the insert skip a row (its id or key is
+    # stored) or a check refuse a job (a replay is answered whatever became of its
+    # dependencies or of the nodes since), the try is undone and the next reads first.
+    replays_read, races = read_replays_first, 0
+    while True:
         try:
-            if len(specs) == 1:  # a lost race wrote nothing (see _INSERT_SQL): no savepoint to pay for
-                return await _submit_once(conn, specs, request_hashes, now, policy, capacities)
-            # A savepoint, so a lost race undoes only this attempt, not the caller's transaction.
+            if len(specs) == 1:  # a skipped insert wrote nothing (see _INSERT_SQL): no savepoint to pay for
+                return await _submit_once(conn, specs, request_hashes, now, policy, capacities, replays_read)
+            # A savepoint, so a retried try undoes only itself, not the caller's transaction.
             async with conn.begin_nested():
-                return await _submit_once(conn, specs, request_hashes, now, policy, capacities)
+                return await _submit_once(conn, specs, request_hashes, now, policy, capacities, replays_read)
         except _LostRace:
-            continue
+            if replays_read:
+                races += 1
+                if races == RACE_ATTEMPTS:
+                    raise RuntimeError(
+                        f"submission lost {RACE_ATTEMPTS} races in a row to concurrent identical submissions"
+                    ) from None
+            replays_read = True
+        except (Unschedulable, UnknownDependency, DependencyNotViable):
+            # Raised by the checks before the insert: the try wrote nothing.
+            if replays_read:
+                raise
+            replays_read = True
         except _GeneratedIdsTaken as taken:
             # Drawn again, and kept apart from the batch's other ids as the first draws were.
             specs = _distinct_generated_ids([_redrawn(s) if s.job_id in taken.job_ids else s for s in specs])
-    raise RuntimeError(f"submission lost {RACE_ATTEMPTS} races in a row to concurrent identical submissions")
 
 
 class _GeneratedIdsTaken(Exception):
@@ -218,8 +243,9 @@ async def _submit_once(
     now: datetime,
     policy: PolicyConfig,
     capacities: Sequence[Resources],
+    read_replays: bool,
 ) -> list[Submitted]:
-    originals = await _replays(conn, specs, hashes)
+    originals = await _replays(conn, specs, hashes) if read_replays else {}
     new = [(spec, digest) for spec, digest in zip(specs, hashes, strict=True) if spec.job_id not in originals]
     created = await _create(conn, new, now, policy, capacities) if new else {}
     replayed = await _public_many(conn, originals.values()) if originals else {}
@@ -469,14 +495,15 @@ async def submit_alone(
 ) -> Submitted | None:
     """Create one job that depends on nothing, in one statement (see _INSERT_ALONE_SQL).
 
-    `conn` must be in autocommit mode (the statement is its own transaction). None
-    when the job's id or idempotency key is already stored: nothing was written, and
-    `submit` decides whether this is a replay or a conflict.
+    `conn` must be in autocommit mode (the statement is its own transaction). None,
+    and nothing written, when the job's id or idempotency key is already stored or
+    the job fits no node: `submit` then answers the replay, or else the conflict or
+    the refusal.
     """
     if not can_submit_alone([spec]):
         raise ValueError("submit_alone takes one job without dependencies")
     if not any(spec.resources.fits_in(capacity) for capacity in capacities):
-        check_schedulable(spec, max(capacities))  # raises
+        return None  # refused unless it repeats a stored submission: a replay is answered as such
     row = _job_row(spec, digest, 0, now, policy)  # its own `submitted` and `ready` log entries
     change = StatusChange(spec.job_id, spec.type, str(spec.priority), row["status"], None, 0, now, _queue_entry(row))
     ranges = [*bucket_ranges(row["sort_key"]), own_second(row["sort_key"])]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from api_fixtures import Api, add_node, api_settings, assert_problem, job, running_api, set_status
 
 pytestmark = pytest.mark.integration
@@ -260,6 +262,37 @@ async def test_same_client_job_id_replays_or_conflicts(api: Api) -> None:
     assert replay.status_code == 200
     assert replay.json() == first.json()
     assert assert_problem(conflict, 409, "job_id_conflict")["job_id"] == "mine"
+
+
+async def test_a_replay_is_answered_whatever_became_of_its_dependency_and_node_since(api: Api) -> None:
+    """A replay returns the original even when the request could not be accepted today:
+    its dependency has been cancelled (the job with it), the node it needed is gone."""
+    await submit(api, job(job_id="parent"))
+    child = job(job_id="child", depends_on=["parent"])
+    keyed_batch = [job(depends_on=["parent"]), job()]
+    first_child = await submit(api, child)
+    first_batch = await api.client.post("/jobs/batch", json=keyed_batch, headers={"Idempotency-Key": "b-1"})
+    await add_node(api.engine, "big", cpu=32, memory=65536)
+    api.runtime.capacities.read_at = -math.inf  # the API rereads live nodes at most once a second
+    big = job(resource_requirements={"cpu_units": 32, "memory_mb": 1024})
+    first_big = await api.client.post("/jobs", json=big, headers={"Idempotency-Key": "big-1"})
+    assert first_batch.status_code == first_big.status_code == 201, (first_batch.text, first_big.text)
+    assert (await api.client.patch("/jobs/parent/cancel")).status_code == 200
+    async with api.engine.begin() as conn:
+        await conn.execute(sa.text("DELETE FROM nodes WHERE node_id = 'big'"))
+    api.runtime.capacities.read_at = -math.inf
+
+    child_again = await api.client.post("/jobs", json=child)
+    batch_again = await api.client.post("/jobs/batch", json=keyed_batch, headers={"Idempotency-Key": "b-1"})
+    big_again = await api.client.post("/jobs", json=big, headers={"Idempotency-Key": "big-1"})
+    assert (child_again.status_code, batch_again.status_code, big_again.status_code) == (200, 200, 200)
+    assert child_again.json()["job_id"] == first_child["job_id"]
+    assert child_again.json()["status"] == "cancelled"
+    assert [m["job_id"] for m in batch_again.json()["jobs"]] == [m["job_id"] for m in first_batch.json()["jobs"]]
+    assert big_again.json()["job_id"] == first_big.json()["job_id"]
+    # Not replays, the same requests are refused as any new one would be.
+    assert_problem(await api.client.post("/jobs", json=child | {"job_id": "child_2"}), 422, "dependency_not_viable")
+    assert_problem(await api.client.post("/jobs", json=big), 422, "unschedulable")
 
 
 async def test_a_generated_id_already_taken_is_drawn_again_never_a_replay(

@@ -314,6 +314,8 @@ async def end_attempt(
 
 def _json_result(result: Any) -> str:
     """The handler's result as JSON; what JSON cannot hold is kept as its repr."""
+    if result is None:  # most handlers return nothing
+        return "null"
     try:
         return json.dumps(result)
     except (TypeError, ValueError):

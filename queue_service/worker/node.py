@@ -73,6 +73,29 @@ async def _contained(handler: Any, context: JobContext) -> Any:
         raise HandlerExit(f"{type(error).__name__}: {error}".rstrip(": ")) from error
 
 
+async def _ended_within(task: asyncio.Future[Any], seconds: float) -> bool:
+    """Whether `task` ends within `seconds`: asyncio.wait on one task, without the set,
+    the per-call closures and the task's own future it builds (several microseconds a
+    job), and nothing at all for a task already done. Cancelling the caller leaves the
+    task running, as asyncio.wait does."""
+    if task.done():
+        return True
+    waiter = asyncio.get_running_loop().create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    task.add_done_callback(wake)
+    timer = asyncio.get_running_loop().call_later(seconds, wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        task.remove_done_callback(wake)
+    return task.done()
+
+
 async def _cancel_or_abandon(task: asyncio.Future[Any], context: JobContext) -> bool:
     """Cancel a handler's task and wait a little for it; False if it would not stop."""
     task.cancel()
@@ -94,7 +117,8 @@ async def _cancel_or_abandon(task: asyncio.Future[Any], context: JobContext) -> 
 @dataclass
 class RunningAttempt:
     claim: Claim
-    task: asyncio.Task[None]
+    task: asyncio.Task[None]  # the attempt's: runs the handler's task under its timeout, records the end
+    handler: asyncio.Future[Any]  # the handler's own task (see WorkerNode._execute)
     stop_reason: str | None = None  # "cancelled" (already recorded elsewhere) or "interrupted" (shutdown)
     recording: bool = False  # the handler is done and its end is being written: never cancel that
     began: bool = False  # its task has taken its first step
@@ -102,10 +126,13 @@ class RunningAttempt:
     def stop(self, reason: str) -> None:
         """Cancel the attempt. A task cancelled before its first step never runs its own
         clean-up (it would hold its resources here for good): one that has not begun
-        finds the reason when it does."""
+        finds the reason when it does, and its handler is cancelled now (if it has not
+        begun either, it never runs)."""
         self.stop_reason = reason
         if self.began:
             self.task.cancel()
+        else:
+            self.handler.cancel()
 
 
 @dataclass
@@ -352,9 +379,19 @@ class WorkerNode:
         if claims is None:
             return
         self._notify("claimed", self.node_id, claims, claim_seconds)
+        launched = time.monotonic()
         for claim in claims:
-            task = asyncio.create_task(self._run(claim), name=f"{claim.job_id}#{claim.attempt}")
-            self.running[claim.job_id] = RunningAttempt(claim, task)
+            context = JobContext(
+                claim.job_id, claim.type, claim.priority, claim.payload, claim.attempt, claim.timeout_seconds
+            )
+            handler = self.registry.resolve(claim.type, strict=self.settings.strict_handlers)
+            # The handler's task is made here, not by the attempt's task: it then takes
+            # its first step in the loop's next step, one sooner.
+            handler_task = asyncio.ensure_future(_contained(handler, context))
+            task = asyncio.create_task(
+                self._run(claim, context, handler_task, launched), name=f"{claim.job_id}#{claim.attempt}"
+            )
+            self.running[claim.job_id] = RunningAttempt(claim, task, handler_task)
 
     def _full(self) -> bool:
         """No job can fit: every job needs at least one CPU unit and one MB (SPEC §3)."""
@@ -362,18 +399,12 @@ class WorkerNode:
         memory = sum(a.claim.resources.memory_mb for a in self.running.values())
         return cpu >= self.capacity.cpu_units or memory >= self.capacity.memory_mb
 
-    async def _run(self, claim: Claim) -> None:
+    async def _run(self, claim: Claim, context: JobContext, handler: asyncio.Future[Any], launched: float) -> None:
         attempt = self.running[claim.job_id]
         attempt.began = True
-        context = JobContext(
-            claim.job_id, claim.type, claim.priority, claim.payload, claim.attempt, claim.timeout_seconds
-        )
-        handler = self.registry.resolve(claim.type, strict=self.settings.strict_handlers)
-        started = time.monotonic()
         try:
-            if attempt.stop_reason is not None:  # stopped before it began
-                raise asyncio.CancelledError
-            end = await self._execute(handler, context, claim.timeout_seconds)
+            stopped = attempt.stop_reason is not None  # stopped before it began
+            end = await self._execute(handler, context, claim.timeout_seconds, stopped=stopped)
         except asyncio.CancelledError:
             reason = attempt.stop_reason
             if reason == "interrupted":
@@ -383,7 +414,7 @@ class WorkerNode:
                 self._wake.set()  # its resources are free again
                 return
         attempt.recording = True
-        self._notify("attempt_ended", self.node_id, claim, end, time.monotonic() - started)
+        self._notify("attempt_ended", self.node_id, claim, end, time.monotonic() - launched)
         dispatched = False
         try:
             dispatched = await self._record(claim, end)
@@ -393,19 +424,21 @@ class WorkerNode:
                 self._wake.set()
 
     @staticmethod
-    async def _execute(handler: Any, context: JobContext, timeout: float) -> AttemptEnd:
-        """Run a handler in a task of its own, so that one ignoring cancellation cannot
-        hold the node: past its timeout (or when the attempt is cancelled) it is cancelled,
-        and if it is still running ABANDON_AFTER_SECONDS later, it is left to itself and
-        the attempt ends without it. A handler's exit (SystemExit, KeyboardInterrupt) ends
-        the attempt, never the worker; a result JSON cannot carry fails the attempt."""
-        task = asyncio.ensure_future(_contained(handler, context))
+    async def _execute(task: asyncio.Future[Any], context: JobContext, timeout: float, *, stopped: bool) -> AttemptEnd:
+        """Wait for a handler running in a task of its own, so that one ignoring
+        cancellation cannot hold the node: past its timeout (or when the attempt is
+        cancelled, or `stopped` before its task began) it is cancelled, and if it is still
+        running ABANDON_AFTER_SECONDS later, it is left to itself and the attempt ends
+        without it. A handler's exit (SystemExit, KeyboardInterrupt) ends the attempt,
+        never the worker; a result JSON cannot carry fails the attempt."""
         try:
-            done, _ = await asyncio.wait({task}, timeout=timeout)
+            if stopped:
+                raise asyncio.CancelledError
+            ended = await _ended_within(task, timeout)
         except asyncio.CancelledError:  # cancelled or interrupted: the handler goes too
             await _cancel_or_abandon(task, context)
             raise
-        if not done:
+        if not ended:
             abandoned = not await _cancel_or_abandon(task, context)
             reason = f"timed out after {timeout:g}s" + (" (ignored cancellation; abandoned)" if abandoned else "")
             return AttemptEnd(AttemptOutcome.TIMED_OUT, reason)

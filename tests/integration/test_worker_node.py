@@ -26,6 +26,7 @@ from queue_service.db.engine import asyncpg_dsn, autocommit, create_engine
 from queue_service.db.events import StatusChange, notified_messages
 from queue_service.db.listener import EventListener
 from queue_service.settings import Settings, normalize_database_url
+from queue_service.worker.handlers import HandlerRegistry, JobContext
 from queue_service.worker.leader import Leader
 from queue_service.worker.node import WorkerNode
 
@@ -249,6 +250,13 @@ async def test_an_attempt_cancelled_before_its_task_began_frees_its_resources(
     first step: the attempt never runs its handler, and the node does not go on
     counting its resources as used."""
     node = await nodes("early", cpu=1, poll_interval_seconds=60)
+    handled: list[str] = []
+
+    async def work(job: JobContext) -> None:
+        handled.append(job.job_id)
+
+    node.registry = HandlerRegistry()
+    node.registry.register("work", work)
     now = datetime.now(UTC)
     claim = attempts.Claim("early-1", "work", "normal", {}, 1, uuid.uuid4(), 30.0, Resources(1, 64), False, now, now)
     node._launch([claim], 0.0, node._pause_notices)
@@ -257,6 +265,7 @@ async def test_an_attempt_cancelled_before_its_task_began_frees_its_resources(
         while "early-1" in node.running:
             await asyncio.sleep(0.01)
     assert not node._full()
+    assert handled == []
 
 
 def count_claims(node: WorkerNode, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:

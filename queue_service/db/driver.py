@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import weakref
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
 
@@ -275,6 +275,14 @@ async def fetchrow(conn: Executor, statement: Statement, params: Mapping[str, An
     arguments = statement.arguments(params)
     async with _translated(conn, raw, statement.sql, arguments):
         return await raw.fetchrow(statement.sql, *arguments, record_class=Row)
+
+
+async def copy_records(conn: Executor, table: str, columns: Sequence[str], records: Iterable[Sequence[Any]]) -> None:
+    """Rows into `table` by binary COPY, on `conn`'s driver connection (inside its
+    transaction): each value goes in as its column's type, with nothing to parse."""
+    raw = await _in_units_of_work(conn)
+    async with _translated(conn, raw, f"COPY {table}", ()):
+        await raw.copy_records_to_table(table, records=records, columns=list(columns))
 
 
 async def _driver_connection(conn: AsyncConnection) -> asyncpg.Connection:

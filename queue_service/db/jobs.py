@@ -14,6 +14,7 @@ import binascii
 import dataclasses
 import json
 import math
+import operator
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from queue_service.db.events import (
     WAKE_DISPATCH,
     LogEntry,
     StatusChange,
+    announce,
     compact_json,
     iso_z,
     queue_entry,
@@ -321,6 +323,50 @@ async def _create(
     ]
     notices: list[tuple[str | None, Mapping[str, Any]]] = [(c.job_id, c.payload()) for c in changes]
     notices.append((None, {"event": WAKE_DISPATCH}))
+    if len(rows) >= COPY_MIN_JOBS and not entries and not any(spec.depends_on for spec in specs):
+        await _copy_in(conn, rows, [message for _, message in notices])
+    else:
+        await _insert(conn, specs, rows, entries, notices, now, new_ids)
+    queued = [_Queued(row["job_id"], row["sort_key"]) for row in rows if row["status"] == _READY]
+    positions = await queue_positions(conn, queued)
+    return {
+        row["job_id"]: {
+            "job_id": row["job_id"],
+            "status": row["status"],
+            "created_at": iso_z(now),
+            "priority": row["priority"],
+            "position_in_queue": positions.get(row["job_id"]),
+        }
+        for row in rows
+    }
+
+
+async def _copy_in(
+    conn: AsyncConnection, rows: Sequence[Mapping[str, Any]], notices: Sequence[Mapping[str, Any]]
+) -> None:
+    """COPY the jobs in, then announce them. An id or key already stored (a replay,
+    or a race lost to a concurrent identical submission) fails the COPY: _LostRace,
+    and the caller undoes the try."""
+    values = operator.itemgetter(*_COPIED_COLUMNS)
+    records = [values({**row, "payload": standard_json(row["payload"]).decode()}) for row in rows]
+    try:
+        with translate_errors():
+            await driver.copy_records(conn, "jobs", _COPIED_COLUMNS, records)
+    except (JobIdConflict, IdempotencyKeyConflict) as stored:
+        raise _LostRace from stored
+    await announce(conn, notices)
+
+
+async def _insert(
+    conn: AsyncConnection,
+    specs: Sequence[JobSpec],
+    rows: Sequence[Mapping[str, Any]],
+    entries: Sequence[LogEntry],
+    notices: Sequence[tuple[str | None, Mapping[str, Any]]],
+    now: datetime,
+    new_ids: set[str],
+) -> None:
+    """_INSERT_SQL for these jobs, their edges, log entries and announcements."""
     with translate_errors():
         result = await driver.one(
             conn,
@@ -341,21 +387,9 @@ async def _create(
             },
         )
         if set(result.inserted) != new_ids:
-            # ON CONFLICT waited for the concurrent transaction that holds the same id or key,
-            # and it committed. Re-run: the replay check now sees its row and compares hashes.
+            # ON CONFLICT skipped a stored id or key (or waited for the concurrent transaction
+            # that held it, and it committed). Re-run: the replay check now sees its row.
             raise _LostRace
-    queued = [_Queued(row["job_id"], row["sort_key"]) for row in rows if row["status"] == _READY]
-    positions = await queue_positions(conn, queued)
-    return {
-        row["job_id"]: {
-            "job_id": row["job_id"],
-            "status": row["status"],
-            "created_at": iso_z(now),
-            "priority": row["priority"],
-            "position_in_queue": positions.get(row["job_id"]),
-        }
-        for row in rows
-    }
 
 
 @dataclass(frozen=True)
@@ -386,6 +420,21 @@ _INSERTED_COLUMNS: Final = (
     "unfinished_deps",
     "sort_key",
 )
+# What COPY writes of a job: the columns the statement below inserts.
+_COPIED_COLUMNS: Final = (
+    *_INSERTED_COLUMNS[:4],
+    "payload",
+    *_INSERTED_COLUMNS[4:],
+    "attempt_budget",
+    "created_at",
+    "updated_at",
+    "ready_at",
+)
+# Jobs go in by COPY when a submission brings at least this many and none depends on
+# another (no edges, no log entries to write beside them): binary rows, where the
+# statement's arrays cost the client their encoding, element by element, and the
+# server their parsing.
+COPY_MIN_JOBS: Final = 100
 _INSERT_INTO_JOBS: Final = """INSERT INTO jobs (
             job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts, backoff_multiplier,
             initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, idempotency_key, request_hash,

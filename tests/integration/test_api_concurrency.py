@@ -59,6 +59,17 @@ async def test_one_key_with_different_bodies_at_once_creates_one_and_refuses_the
     assert {r.json()["code"] for r in responses if r.status_code == 409} == {"idempotency_key_reused"}
 
 
+async def test_identical_large_batches_at_once_create_one_batch(api: Api) -> None:
+    """Batches large enough to go in by COPY race as the statement's do: one is created,
+    the others answer with its jobs."""
+    members = [job(payload={"n": n}) for n in range(jobs.COPY_MIN_JOBS)]
+    headers = {"Idempotency-Key": "nightly-export"}
+    responses = await asyncio.gather(*(api.client.post("/jobs/batch", json=members, headers=headers) for _ in range(6)))
+    assert Counter(r.status_code for r in responses) == {201: 1, 200: 5}
+    assert len({tuple(m["job_id"] for m in r.json()["jobs"]) for r in responses}) == 1
+    assert len((await api.client.get("/jobs", params={"limit": 500})).json()["items"]) == jobs.COPY_MIN_JOBS
+
+
 def spec(**fields: Any) -> Any:
     return parse_job_spec({"type": "noop", **fields}, default_job_id=f"job_{uuid.uuid4().hex[:12]}")
 

@@ -13,8 +13,9 @@ import sqlalchemy as sa
 from api_fixtures import Api, api_settings, assert_problem, job, running_api
 
 from queue_service.db import driver, jobs
-from queue_service.db.engine import asyncpg_dsn, normalize_database_url
+from queue_service.db.engine import asyncpg_dsn
 from queue_service.db.events import CHANNEL, notified_messages
+from queue_service.settings import normalize_database_url
 
 pytestmark = pytest.mark.integration
 

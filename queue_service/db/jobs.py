@@ -323,7 +323,7 @@ async def _create(
     ]
     notices: list[tuple[str | None, Mapping[str, Any]]] = [(c.job_id, c.payload()) for c in changes]
     notices.append((None, {"event": WAKE_DISPATCH}))
-    if len(rows) >= COPY_MIN_JOBS and not entries and not any(spec.depends_on for spec in specs):
+    if len(rows) >= COPY_MIN_JOBS and not any(spec.depends_on for spec in specs):  # then no log entries either
         await _copy_in(conn, rows, [message for _, message in notices])
     else:
         await _insert(conn, specs, rows, entries, notices, now, new_ids)
@@ -347,11 +347,11 @@ async def _copy_in(
     """COPY the jobs in, then announce them. An id or key already stored (a replay,
     or a race lost to a concurrent identical submission) fails the COPY: _LostRace,
     and the caller undoes the try."""
-    values = operator.itemgetter(*_COPIED_COLUMNS)
+    values = operator.itemgetter(*_JOB_COLUMNS)
     records = [values({**row, "payload": standard_json(row["payload"]).decode()}) for row in rows]
     try:
         with translate_errors():
-            await driver.copy_records(conn, "jobs", _COPIED_COLUMNS, records)
+            await driver.copy_records(conn, "jobs", _JOB_COLUMNS, records)
     except (JobIdConflict, IdempotencyKeyConflict) as stored:
         raise _LostRace from stored
     await announce(conn, notices)
@@ -400,13 +400,14 @@ class _Queued:
     sort_key: float
 
 
-# Columns of jobs a submission sets from per-job arrays (payload, as JSON text, and the
-# timestamps are handled apart).
-_INSERTED_COLUMNS: Final = (
+# Every column a submission writes of a job, in the order the statements below and
+# COPY name them.
+_JOB_COLUMNS: Final = (
     "job_id",
     "type",
     "priority",
     "status",
+    "payload",
     "cpu_units",
     "memory_mb",
     "max_attempts",
@@ -417,29 +418,26 @@ _INSERTED_COLUMNS: Final = (
     "timeout_seconds",
     "idempotency_key",
     "request_hash",
-    "unfinished_deps",
-    "sort_key",
-)
-# What COPY writes of a job: the columns the statement below inserts.
-_COPIED_COLUMNS: Final = (
-    *_INSERTED_COLUMNS[:4],
-    "payload",
-    *_INSERTED_COLUMNS[4:],
     "attempt_budget",
+    "unfinished_deps",
     "created_at",
     "updated_at",
     "ready_at",
+    "sort_key",
+)
+# Those the statements set from per-job arrays (payload, as JSON text, the attempt
+# budget and the timestamps are handled apart).
+_INSERTED_COLUMNS: Final = tuple(
+    column
+    for column in _JOB_COLUMNS
+    if column not in {"payload", "attempt_budget", "created_at", "updated_at", "ready_at"}
 )
 # Jobs go in by COPY when a submission brings at least this many and none depends on
 # another (no edges, no log entries to write beside them): binary rows, where the
 # statement's arrays cost the client their encoding, element by element, and the
 # server their parsing.
 COPY_MIN_JOBS: Final = 100
-_INSERT_INTO_JOBS: Final = """INSERT INTO jobs (
-            job_id, type, priority, status, payload, cpu_units, memory_mb, max_attempts, backoff_multiplier,
-            initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, idempotency_key, request_hash,
-            attempt_budget, unfinished_deps, created_at, updated_at, ready_at, sort_key
-        )"""
+_INSERT_INTO_JOBS: Final = f"INSERT INTO jobs ({', '.join(_JOB_COLUMNS)})"
 # The batch's notices of the jobs inserted, and the wake-up (no job) if any was.
 _BATCH_NOTICES: Final = """SELECT n.payload, n.place
     FROM unnest(CAST(:notice_jobs AS text[]), CAST(:notice_payloads AS text[]))

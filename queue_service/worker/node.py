@@ -80,14 +80,15 @@ async def _ended_within(task: asyncio.Future[Any], seconds: float) -> bool:
     task running, as asyncio.wait does."""
     if task.done():
         return True
-    waiter = asyncio.get_running_loop().create_future()
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
 
     def wake(_: object = None) -> None:
         if not waiter.done():
             waiter.set_result(None)
 
     task.add_done_callback(wake)
-    timer = asyncio.get_running_loop().call_later(seconds, wake)
+    timer = loop.call_later(seconds, wake)
     try:
         await waiter
     finally:
@@ -388,9 +389,7 @@ class WorkerNode:
             # The handler's task is made here, not by the attempt's task: it then takes
             # its first step in the loop's next step, one sooner.
             handler_task = asyncio.ensure_future(_contained(handler, context))
-            task = asyncio.create_task(
-                self._run(claim, context, handler_task, launched), name=f"{claim.job_id}#{claim.attempt}"
-            )
+            task = asyncio.create_task(self._run(claim, context, launched), name=f"{claim.job_id}#{claim.attempt}")
             self.running[claim.job_id] = RunningAttempt(claim, task, handler_task)
 
     def _full(self) -> bool:
@@ -399,12 +398,12 @@ class WorkerNode:
         memory = sum(a.claim.resources.memory_mb for a in self.running.values())
         return cpu >= self.capacity.cpu_units or memory >= self.capacity.memory_mb
 
-    async def _run(self, claim: Claim, context: JobContext, handler: asyncio.Future[Any], launched: float) -> None:
+    async def _run(self, claim: Claim, context: JobContext, launched: float) -> None:
         attempt = self.running[claim.job_id]
         attempt.began = True
         try:
             stopped = attempt.stop_reason is not None  # stopped before it began
-            end = await self._execute(handler, context, claim.timeout_seconds, stopped=stopped)
+            end = await self._execute(attempt.handler, context, claim.timeout_seconds, stopped=stopped)
         except asyncio.CancelledError:
             reason = attempt.stop_reason
             if reason == "interrupted":

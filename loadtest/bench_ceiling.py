@@ -18,6 +18,11 @@ A LISTEN connection takes the notices, as a node's would. What the service does
 beyond this (request hashes, positions, replay checks, plans, lease fencing) is
 not written here: this is the ceiling any client of this schema meets on this
 machine, and the evaluation sets it beside our measured rates and the peers'.
+
+The same runs, in the same rounds, also measure the schema cut down (ABLATIONS):
+without the listing indexes, without the depth and position triggers, without the
+notices, without all three. Each part serves a feature SPEC asks for; the ratios
+say what each costs, so a redesign can be aimed (`--no-ablations` skips them).
 `--json FILE` writes the figures.
 """
 
@@ -31,6 +36,7 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -43,7 +49,7 @@ from queue_service.db import migrate
 from queue_service.db.embedded import bundled_program
 from queue_service.db.engine import asyncpg_dsn
 from queue_service.db.events import CHANNEL
-from queue_service.db.tables import grouped_notify_sql
+from queue_service.db.tables import QUEUE_COUNTER_TRIGGERS, QUEUE_RANK_TRIGGERS, grouped_notify_sql
 
 SEED_READY_JOBS: Final = 150_000  # more than a drain round of 64 starts in the longest run here
 _TPS = re.compile(r"tps = ([0-9.]+) \(without initial connection time\)")
@@ -64,7 +70,15 @@ _JOB_COLUMNS: Final = (
     "initial_delay_seconds, max_delay_seconds, jitter, timeout_seconds, request_hash, attempt_budget, "
     "ready_at, sort_key"
 )
-_ENQUEUE: Final = f"""
+
+
+def _announced(rows: str, status: str, notices: bool) -> str:
+    """The `announced` step of a script: the notices of `rows`, or (an ablation) none."""
+    return _announce(rows, status) if notices else f"SELECT 1 FROM {rows}"
+
+
+def _enqueue(notices: bool) -> str:
+    return f"""
 WITH inserted AS (
     INSERT INTO jobs ({_JOB_COLUMNS})
     SELECT 'job_' || substr(md5(random()::text), 1, 12), 'noop', 'normal', 'ready', '{{}}', 1, 128, 3, 2, 1, 300, 0,
@@ -72,13 +86,15 @@ WITH inserted AS (
     FROM generate_series(1, :jobs) AS g
     RETURNING job_id
 ), announced AS (
-    {_announce("inserted", "ready")}
+    {_announced("inserted", "ready", notices)}
 )
 SELECT count(*) FROM announced;
 """
 
-# A drain round on node n1: end what the last round started, start :jobs more.
-_ROUND: Final = f"""
+
+def _round(notices: bool) -> str:
+    """A drain round on node n1: end what the last round started, start :jobs more."""
+    return f"""
 BEGIN;
 WITH ended AS (
     UPDATE jobs SET status = 'completed', finished_at = now(), updated_at = now(), result = 'null',
@@ -93,7 +109,7 @@ WITH ended AS (
                      memory_used = memory_used - (SELECT coalesce(sum(memory_mb), 0) FROM ended)
     WHERE node_id = 'n1'
 ), announced AS (
-    {_announce("ended", "completed")}
+    {_announced("ended", "completed", notices)}
 )
 SELECT count(*) FROM announced;
 WITH chosen AS (
@@ -111,11 +127,12 @@ WITH chosen AS (
                      memory_used = memory_used + (SELECT coalesce(sum(memory_mb), 0) FROM started)
     WHERE node_id = 'n1'
 ), announced AS (
-    {_announce("started", "running")}
+    {_announced("started", "running", notices)}
 )
 SELECT (SELECT count(*) FROM announced), (SELECT json_object_agg(job_id, payload) FROM started);
 COMMIT;
 """
+
 
 _SEED: Final = f"""
 INSERT INTO nodes (node_id, cpu_capacity, memory_capacity) VALUES ('n1', 1000000, 1000000000);
@@ -130,24 +147,59 @@ FROM generate_series(1, {SEED_READY_JOBS}) AS g;
 class Workload:
     name: str
     label: str
-    script: str
+    script: Callable[[bool], str]  # the pgbench script, with the notices or without
     jobs: int  # jobs a transaction of the script carries
     seeded: bool  # needs ready jobs and the node
     ours: tuple[str, str]  # where bench_peers keeps our rate for it: queue, figure
 
 
 WORKLOADS: Final = (
-    Workload("enqueue_one", "enqueue one by one", _ENQUEUE, 1, False, ("ours", "enqueue_one_per_s")),
+    Workload("enqueue_one", "enqueue one by one", _enqueue, 1, False, ("ours", "enqueue_one_per_s")),
     Workload(
         "enqueue_batch",
         "enqueue, batches of 1000",
-        f"BEGIN;\n{_ENQUEUE}COMMIT;\n",
+        lambda notices: f"BEGIN;\n{_enqueue(notices)}COMMIT;\n",
         1000,
         False,
         ("ours", "enqueue_batch_per_s"),
     ),
-    Workload("drain_8", "drain, rounds of 8 (the default node)", _ROUND, 8, True, ("ours", "drain_per_s")),
-    Workload("drain_64", "drain, rounds of 64 (a 64-unit node)", _ROUND, 64, True, ("ours-64", "drain_per_s")),
+    Workload("drain_8", "drain, rounds of 8 (the default node)", _round, 8, True, ("ours", "drain_per_s")),
+    Workload("drain_64", "drain, rounds of 64 (a 64-unit node)", _round, 64, True, ("ours-64", "drain_per_s")),
+)
+
+
+def _trigger_names(statements: tuple[str, ...]) -> list[str]:
+    return [m.group(1) for m in map(re.compile(r"CREATE TRIGGER (\w+) ").match, statements) if m]
+
+
+# The statement-level triggers that keep queue depths and positions (TRUNCATE's are left:
+# no workload truncates), and the indexes GET /jobs lists through.
+_DEPTH_AND_POSITION_TRIGGERS: Final = tuple(
+    f"DROP TRIGGER {name} ON jobs"
+    for name in _trigger_names(QUEUE_COUNTER_TRIGGERS + QUEUE_RANK_TRIGGERS)
+    if not name.endswith("_truncate")
+)
+_LISTING_INDEXES: Final = tuple(
+    f"DROP INDEX {name}" for name in ("ix_jobs_created", "ix_jobs_status_created", "ix_jobs_type_created")
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """The schema as built, or without a part of it: what that part costs each workload."""
+
+    name: str
+    label: str
+    drops: tuple[str, ...] = ()  # run on the migrated database before pgbench
+    notices: bool = True
+
+
+AS_BUILT: Final = Variant("as_built", "as built")
+ABLATIONS: Final = (
+    Variant("no_listing_indexes", "without the 3 listing indexes", _LISTING_INDEXES),
+    Variant("no_triggers", "without the depth and position triggers", _DEPTH_AND_POSITION_TRIGGERS),
+    Variant("no_notices", "without the job.updated notices", notices=False),
+    Variant("none_of_these", "without all three", _LISTING_INDEXES + _DEPTH_AND_POSITION_TRIGGERS, notices=False),
 )
 
 
@@ -167,25 +219,28 @@ def jobs_per_second(pgbench_output: str, jobs_per_transaction: int) -> float:
     return float(match.group(1)) * jobs_per_transaction
 
 
-async def run_once(server: str, workload: Workload, seconds: float) -> float:
-    """One pgbench run of `workload` on a fresh database; jobs per second."""
+async def run_once(server: str, workload: Workload, seconds: float, variant: Variant = AS_BUILT) -> float:
+    """One pgbench run of `workload` on a fresh database of `variant`; jobs per second."""
     async with fresh_database(server, "tq_ceiling") as url:
-        return jobs_per_second(await run_pgbench(url, workload, ["-T", f"{seconds:g}"]), workload.jobs)
+        return jobs_per_second(await run_pgbench(url, workload, ["-T", f"{seconds:g}"], variant), workload.jobs)
 
 
-async def run_pgbench(url: str, workload: Workload, duration: list[str]) -> str:
-    """pgbench's output for `workload` on the empty database `url` (migrated and, if the
-    workload needs it, seeded here), run for `duration` (`-T s` or `-t transactions`),
-    with a connection listening to the notices. Raises if a drain ran out of ready jobs."""
+async def run_pgbench(url: str, workload: Workload, duration: list[str], variant: Variant = AS_BUILT) -> str:
+    """pgbench's output for `workload` on the empty database `url` (migrated, cut down to
+    `variant` and, if the workload needs it, seeded here), run for `duration` (`-T s` or
+    `-t transactions`), with a connection listening to the notices. Raises if a drain ran
+    out of ready jobs."""
     await migrate.upgrade(url)
     listener = await asyncpg.connect(asyncpg_dsn(url))
     try:
+        for drop in variant.drops:
+            await listener.execute(drop)
         if workload.seeded:
             await listener.execute(_SEED)
             await listener.execute("VACUUM ANALYZE jobs")
         await listener.add_listener(CHANNEL, lambda *_: None)
         with tempfile.NamedTemporaryFile("w", suffix=".sql") as script:
-            script.write(workload.script)
+            script.write(workload.script(variant.notices))
             script.flush()
             command = [pgbench(), "-n", "-M", "prepared", "-c", "1", *duration]
             command += ["-D", f"jobs={workload.jobs}", "-f", script.name, asyncpg_dsn(url)]
@@ -199,15 +254,26 @@ async def run_pgbench(url: str, workload: Workload, duration: list[str]) -> str:
         await listener.close()
 
 
-async def measure(server: str, seconds: float, runs: int) -> dict[str, dict[str, object]]:
-    """Each workload `runs` times, taken in turn so the machine's slow spells fall on all."""
-    rates: dict[str, list[float]] = {w.name: [] for w in WORKLOADS}
+async def measure(server: str, seconds: float, runs: int, *, ablate: bool) -> dict[str, dict[str, Any]]:
+    """Each workload `runs` times on the schema as built and, if `ablate`, on each
+    ablation, taken in turn so the machine's slow spells fall on all alike.
+    Variant name -> workload name -> label, median jobs per second, every run."""
+    variants = (AS_BUILT, *ABLATIONS) if ablate else (AS_BUILT,)
+    rates: dict[tuple[str, str], list[float]] = {(v.name, w.name): [] for v in variants for w in WORKLOADS}
     for _ in range(runs):
         for workload in WORKLOADS:
-            rates[workload.name].append(await run_once(server, workload, seconds))
+            for variant in variants:
+                rates[variant.name, workload.name].append(await run_once(server, workload, seconds, variant))
     return {
-        w.name: {"label": w.label, "jobs_per_s": statistics.median(rates[w.name]), "runs": rates[w.name]}
-        for w in WORKLOADS
+        v.name: {
+            w.name: {
+                "label": w.label,
+                "jobs_per_s": statistics.median(rates[v.name, w.name]),
+                "runs": rates[v.name, w.name],
+            }
+            for w in WORKLOADS
+        }
+        for v in variants
     }
 
 
@@ -235,17 +301,42 @@ def table(ceilings: dict[str, Any], peers: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
+def ablation_table(variants: dict[str, dict[str, Any]]) -> str:
+    """Each workload's ceiling as built and without each part, as a ratio to as built."""
+    ablations = [v for v in ABLATIONS if v.name in variants]
+    lines = [
+        "| measure | as built | " + " | ".join(v.label for v in ablations) + " |",
+        "|---|---|" + "---|" * len(ablations),
+    ]
+    for workload in WORKLOADS:
+        built = variants[AS_BUILT.name][workload.name]["jobs_per_s"]
+        cells = [
+            f"{figure(rate, ' /s')} ({ratio(rate, built)})"
+            for rate in (variants[v.name][workload.name]["jobs_per_s"] for v in ablations)
+        ]
+        lines.append(f"| {workload.label} | {figure(built, ' /s')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each pgbench run (default 5)")
     parser.add_argument("--runs", type=int, default=3, help="runs per workload; the median counts (default 3)")
+    parser.add_argument("--no-ablations", action="store_true", help="measure the schema as built only")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    results = asyncio.run(measure(server_url(), args.seconds, args.runs))
-    for figures in results.values():
+    results = asyncio.run(measure(server_url(), args.seconds, args.runs, ablate=not args.no_ablations))
+    for figures in results[AS_BUILT.name].values():
         print(f"{figures['label']}: {figures['jobs_per_s']:,.0f} jobs/s")
+    if len(results) > 1:
+        print(ablation_table(results))
     if args.json:
-        document = {"seconds": args.seconds, "runs": args.runs, "workloads": results}
+        document = {
+            "seconds": args.seconds,
+            "runs": args.runs,
+            "workloads": results[AS_BUILT.name],
+            "ablations": {name: figures for name, figures in results.items() if name != AS_BUILT.name},
+        }
         args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 
 

@@ -179,7 +179,7 @@ def peers_section(results: dict[str, Any] | None) -> list[str]:
 
 
 def ceiling_section(ceilings: dict[str, Any], peers: dict[str, Any] | None) -> list[str]:
-    from loadtest.bench_ceiling import table
+    from loadtest.bench_ceiling import ablation_table, table
 
     return [
         "## What the schema allows",
@@ -194,6 +194,23 @@ def ceiling_section(ceilings: dict[str, Any], peers: dict[str, Any] | None) -> l
         "schema matches that peer on this machine.",
         "",
         table(ceilings["workloads"], peers["peers"] if peers else None),
+        "",
+        *_ablation_lines(ceilings, ablation_table),
+    ]
+
+
+def _ablation_lines(ceilings: dict[str, Any], ablation_table: Any) -> list[str]:
+    """What parts of the schema cost: the same pgbench runs on the schema cut down."""
+    if not ceilings.get("ablations"):
+        return []
+    return [
+        "What parts of the schema cost: the same workloads, in the same rounds, on the schema without the three",
+        "indexes GET /jobs lists through (newest first, by status, by type), without the statement-level triggers",
+        "that keep queue depths and positions (metrics, `position_in_queue`), without the job.updated notices",
+        "(WebSocket stream, idle nodes' wake-up), and without all three; in brackets, the ratio to the schema as",
+        "built. Each is a feature SPEC asks for; the table says what a design that served it otherwise could gain.",
+        "",
+        ablation_table({"as_built": ceilings["workloads"], **ceilings["ablations"]}),
         "",
     ]
 

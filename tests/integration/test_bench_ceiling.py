@@ -67,3 +67,31 @@ def test_jobs_per_second_reads_pgbench_tps() -> None:
     assert bench_ceiling.jobs_per_second(output, 8) == pytest.approx(1776.986232)
     with pytest.raises(ValueError, match="no tps"):
         bench_ceiling.jobs_per_second("pgbench: fatal", 8)
+
+
+def _ablation(name: str) -> bench_ceiling.Variant:
+    return next(v for v in bench_ceiling.ABLATIONS if v.name == name)
+
+
+async def test_the_ablations_drop_only_what_they_name(create_database: DatabaseFactory) -> None:
+    """Without the listing indexes, the triggers and the notices, a drain round still
+    writes every row as built; the parts named are gone, and the triggers' counters stay empty."""
+    url = await create_database()
+    await bench_ceiling.run_pgbench(url, _workload("drain_8"), ["-t", "3"], _ablation("none_of_these"))
+    statuses = await _counts(url, "SELECT status, count(*) FROM jobs WHERE status <> 'ready' GROUP BY status")
+    assert statuses == {"completed": 16, "running": 8}
+    attempts = await _counts(url, "SELECT coalesce(outcome, 'open'), count(*) FROM job_attempts GROUP BY 1")
+    assert attempts == {"succeeded": 16, "open": 8}
+    assert await _counts(url, "SELECT 'rows', count(*) FROM queue_counters") == {"rows": 0}
+    indexes = await _counts(url, "SELECT indexname, 1 FROM pg_indexes WHERE tablename = 'jobs'")
+    assert {"ix_jobs_ready_queue", "pk_jobs"} <= set(indexes)
+    assert not {"ix_jobs_created", "ix_jobs_status_created", "ix_jobs_type_created"} & set(indexes)
+    triggers = await _counts(url, "SELECT tgname, 1 FROM pg_trigger WHERE tgrelid = 'jobs'::regclass")
+    assert {name for name in triggers if name.startswith("jobs_")} == {"jobs_count_truncate", "jobs_rank_truncate"}
+
+
+@pytest.mark.parametrize("name", ["enqueue_one", "drain_8"])
+def test_only_the_script_without_notices_sends_none(name: str) -> None:
+    script = _workload(name).script
+    assert "pg_notify" in script(True)
+    assert "pg_notify" not in script(False)

@@ -335,7 +335,7 @@ class _Outcomes:
 
 
 async def end_attempts(
-    conn: AsyncConnection, endings: Sequence[Ending], now: datetime, policy: PolicyConfig
+    conn: driver.Executor, endings: Sequence[Ending], now: datetime, policy: PolicyConfig
 ) -> list[bool]:
     """Record how attempts ended and move their jobs on, in one round of statements
     for the whole batch (each kind of change is one set-based statement). Returns,
@@ -412,7 +412,7 @@ _CLOSE_SQL = driver.Statement(
 
 
 async def _close(
-    conn: AsyncConnection, owned: list[tuple[Any, AttemptEnd]], outcomes: _Outcomes, now: datetime, *, wake: bool
+    conn: driver.Executor, owned: list[tuple[Any, AttemptEnd]], outcomes: _Outcomes, now: datetime, *, wake: bool
 ) -> bool:
     """_CLOSE_SQL for these attempts; True when a completed job has dependants."""
     freed: dict[str, Resources] = {}
@@ -488,43 +488,52 @@ def _decide(outcomes: _Outcomes, row: Any, end: AttemptEnd, now: datetime) -> No
     outcomes.entries.append(LogEntry(head.job_id, "failed", message, now, head.attempts, level="error"))
 
 
-async def _apply_unsuccessful(conn: AsyncConnection, outcomes: _Outcomes, now: datetime) -> None:
+_REQUEUE_SQL: Final = driver.Statement(
+    sa.text(
+        f"UPDATE jobs SET status = 'ready', updated_at = :now, {_CLEAR_LEASE} WHERE job_id = ANY(CAST(:ids AS text[]))"
+    )
+)
+_RETRYING_SQL: Final = driver.Statement(
+    sa.text(
+        f"""
+    UPDATE jobs SET status = 'retrying', counted_attempts = u.counted, last_error = u.error,
+                    next_attempt_at = u.due, updated_at = :now, {_CLEAR_LEASE}
+    FROM unnest(CAST(:ids AS text[]), CAST(:counted AS int[]), CAST(:errors AS text[]),
+                CAST(:due AS timestamptz[])) AS u(job_id, counted, error, due)
+    WHERE jobs.job_id = u.job_id
+    """
+    )
+)
+_FAILED_SQL: Final = driver.Statement(
+    sa.text(
+        f"""
+    UPDATE jobs SET status = 'failed', counted_attempts = u.counted, last_error = u.error,
+                    failure_reason = u.reason, finished_at = :now, updated_at = :now, {_CLEAR_LEASE}
+    FROM unnest(CAST(:ids AS text[]), CAST(:counted AS int[]), CAST(:errors AS text[]),
+                CAST(:reasons AS text[])) AS u(job_id, counted, error, reason)
+    WHERE jobs.job_id = u.job_id
+    """
+    )
+)
+
+
+async def _apply_unsuccessful(conn: driver.Executor, outcomes: _Outcomes, now: datetime) -> None:
     """Jobs whose attempt did not succeed: one statement per kind, whatever the batch size
     (completions, attempts, nodes and the log are _CLOSE_SQL's)."""
     if outcomes.requeued:
-        await conn.execute(
-            sa.text(
-                f"UPDATE jobs SET status = 'ready', updated_at = :now, {_CLEAR_LEASE} "
-                "WHERE job_id = ANY(CAST(:ids AS text[]))"
-            ),
-            {"now": now, "ids": outcomes.requeued},
-        )
+        await driver.execute(conn, _REQUEUE_SQL, {"now": now, "ids": outcomes.requeued})
     if outcomes.retrying:
         ids, counted, errors, due = zip(*outcomes.retrying, strict=True)
-        await conn.execute(
-            sa.text(
-                f"""
-                UPDATE jobs SET status = 'retrying', counted_attempts = u.counted, last_error = u.error,
-                                next_attempt_at = u.due, updated_at = :now, {_CLEAR_LEASE}
-                FROM unnest(CAST(:ids AS text[]), CAST(:counted AS int[]), CAST(:errors AS text[]),
-                            CAST(:due AS timestamptz[])) AS u(job_id, counted, error, due)
-                WHERE jobs.job_id = u.job_id
-                """
-            ),
+        await driver.execute(
+            conn,
+            _RETRYING_SQL,
             {"now": now, "ids": list(ids), "counted": list(counted), "errors": list(errors), "due": list(due)},
         )
     if outcomes.failed:
         ids, counted, errors, reasons = zip(*outcomes.failed, strict=True)
-        await conn.execute(
-            sa.text(
-                f"""
-                UPDATE jobs SET status = 'failed', counted_attempts = u.counted, last_error = u.error,
-                                failure_reason = u.reason, finished_at = :now, updated_at = :now, {_CLEAR_LEASE}
-                FROM unnest(CAST(:ids AS text[]), CAST(:counted AS int[]), CAST(:errors AS text[]),
-                            CAST(:reasons AS text[])) AS u(job_id, counted, error, reason)
-                WHERE jobs.job_id = u.job_id
-                """
-            ),
+        await driver.execute(
+            conn,
+            _FAILED_SQL,
             {"now": now, "ids": list(ids), "counted": list(counted), "errors": list(errors), "reasons": list(reasons)},
         )
 

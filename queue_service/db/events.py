@@ -15,9 +15,8 @@ from typing import Any, Final
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncConnection
 
-from queue_service.db import tables
+from queue_service.db import driver
 from queue_service.db.tables import grouped_notify_sql
 
 CHANNEL: Final = "taskqueue_events"
@@ -77,24 +76,27 @@ def log_arrays(entries: Sequence[LogEntry]) -> dict[str, list[Any]]:
     }
 
 
-async def write_log(conn: AsyncConnection, entries: Sequence[LogEntry]) -> None:
+# Entries each at its own instant, in the order given (ids in insertion order).
+_WRITE_LOG_SQL: Final = driver.Statement(
+    sa.text(
+        """
+    INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
+    SELECT l.job_id, l.at, l.attempt, l.level, l.event, l.message, CAST(l.data AS jsonb)
+    FROM unnest(
+        CAST(:log_jobs AS text[]), CAST(:log_at AS timestamptz[]), CAST(:log_attempts AS integer[]),
+        CAST(:log_levels AS text[]), CAST(:log_events AS text[]), CAST(:log_messages AS text[]),
+        CAST(:log_data AS text[])
+    ) WITH ORDINALITY AS l(job_id, at, attempt, level, event, message, data, place)
+    ORDER BY l.place
+    """
+    )
+)
+
+
+async def write_log(conn: driver.Executor, entries: Sequence[LogEntry]) -> None:
     if not entries:
         return
-    await conn.execute(
-        sa.insert(tables.job_events),
-        [
-            {
-                "job_id": e.job_id,
-                "at": e.at,
-                "attempt": e.attempt,
-                "level": e.level,
-                "event": e.event,
-                "message": e.message,
-                "data": dict(e.data),
-            }
-            for e in entries
-        ],
-    )
+    await driver.execute(conn, _WRITE_LOG_SQL, {**log_arrays(entries), "log_at": [e.at for e in entries]})
 
 
 @lru_cache(maxsize=256)
@@ -153,21 +155,23 @@ def notified_messages(payload: str) -> list[Any]:
     return decoded if isinstance(decoded, list) else [decoded]
 
 
-_ANNOUNCE_SQL: Final = sa.text(
-    grouped_notify_sql(
-        "SELECT p.payload, p.place FROM unnest(CAST(:payloads AS text[])) WITH ORDINALITY AS p(payload, place)"
+_ANNOUNCE_SQL: Final = driver.Statement(
+    sa.text(
+        grouped_notify_sql(
+            "SELECT p.payload, p.place FROM unnest(CAST(:payloads AS text[])) WITH ORDINALITY AS p(payload, place)"
+        )
     )
 )
 
 
-async def announce(conn: AsyncConnection, messages: Sequence[Mapping[str, Any]]) -> None:
+async def announce(conn: driver.Executor, messages: Sequence[Mapping[str, Any]]) -> None:
     """Queue NOTIFYs on the events channel; delivered at commit, in order."""
     if not messages:
         return
-    await conn.execute(_ANNOUNCE_SQL, {"channel": CHANNEL, "payloads": [compact_json(m) for m in messages]})
+    await driver.execute(conn, _ANNOUNCE_SQL, {"channel": CHANNEL, "payloads": [compact_json(m) for m in messages]})
 
 
-async def announce_changes(conn: AsyncConnection, changes: Sequence[StatusChange], *, wake: bool = False) -> None:
+async def announce_changes(conn: driver.Executor, changes: Sequence[StatusChange], *, wake: bool = False) -> None:
     messages: list[Mapping[str, Any]] = [change.payload() for change in changes]
     if wake:
         messages.append({"event": WAKE_DISPATCH})

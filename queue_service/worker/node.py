@@ -497,7 +497,7 @@ class WorkerNode:
                 # its statements: never a transaction waiting for the lock while holding rows.
                 async with self._claiming if claiming else contextlib.nullcontext():
                     claimed, claims, claim_seconds, notices = False, None, 0.0, self._pause_notices
-                    async with driver.transaction(self.engine) as conn:
+                    async with driver.pooled_transaction(self.engine) as conn:
                         owned = await attempts.end_attempts(conn, endings, self.clock(), self.policy)
                         if claiming and not self._stopping:
                             started = time.monotonic()

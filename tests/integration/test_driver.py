@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import asyncpg
@@ -159,6 +160,51 @@ async def test_a_unit_cancelled_mid_statement_leaves_no_open_transaction_in_the_
             assert not raw.is_in_transaction()
             assert (await driver.one(conn, driver.Statement(sa.text("SELECT 1 AS one")), {})).one == 1
     assert "driver-f" not in await _node_ids(engine)
+
+
+async def test_a_pooled_transaction_commits_its_statements_together(engine: AsyncEngine) -> None:
+    async with driver.pooled_transaction(engine) as conn:
+        await driver.one(conn, _INSERT_NODE, {"node": "pooled-a"})
+        await driver.execute(
+            conn, driver.Statement(sa.text("UPDATE nodes SET cpu_used = 1 WHERE node_id = :node")), {"node": "pooled-a"}
+        )
+        assert "pooled-a" not in await _node_ids(engine)  # not before the commit
+    async with engine.connect() as check:
+        used = (await check.execute(sa.text("SELECT cpu_used FROM nodes WHERE node_id = 'pooled-a'"))).scalar_one()
+    assert used == 1
+
+
+async def test_a_pooled_transaction_that_fails_or_is_cancelled_writes_nothing_and_leaves_none_open(
+    engine: AsyncEngine,
+) -> None:
+    broken = driver.Statement(sa.text("SELECT no_such_column FROM nodes"))
+    sleep = driver.Statement(sa.text("SELECT pg_sleep(:seconds) AS slept"))
+
+    async def refused_unit() -> None:
+        async with driver.pooled_transaction(engine) as conn:
+            await driver.one(conn, _INSERT_NODE, {"node": "pooled-b"})
+            await driver.fetch(conn, broken, {})
+
+    async def slow_unit() -> None:
+        async with driver.pooled_transaction(engine) as conn:
+            await driver.one(conn, _INSERT_NODE, {"node": "pooled-c"})
+            await driver.one(conn, sleep, {"seconds": 5})
+
+    with pytest.raises(sa_exc.ProgrammingError):
+        await refused_unit()
+    task = asyncio.create_task(slow_unit())
+    await asyncio.sleep(0.3)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not {"pooled-b", "pooled-c"} & await _node_ids(engine)
+    sizes = driver.driver_pool_sizes(engine)
+    assert sizes is not None
+    async with contextlib.AsyncExitStack() as stack:  # every connection the pool holds, at once
+        for _ in range(sizes[0]):
+            conn = await stack.enter_async_context(driver.pooled(engine))
+            assert not conn.raw.is_in_transaction()
+            assert (await driver.one(conn, driver.Statement(sa.text("SELECT 1 AS one")), {})).one == 1
 
 
 _APPLICATION = "driver-pool-test"

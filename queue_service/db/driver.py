@@ -226,21 +226,8 @@ async def transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
     issues no BEGIN of its own (autocommit mode) and a driver transaction is open,
     so SQLAlchemy and driver statements alike run inside it. Commits when the block
     ends, rolls back if it raises. Replaces `engine.begin()` where each statement's cost counts."""
-    async with autocommit(engine) as conn:
-        raw = await _driver_connection(conn)
-        async with _translated(conn, raw, "BEGIN", ()):
-            await raw.execute("BEGIN")
-        try:
-            yield conn
-        except BaseException:
-            await _roll_back(conn, raw)
-            raise
-        try:
-            async with _translated(conn, raw, "COMMIT", ()):
-                await raw.execute("COMMIT")
-        except BaseException:
-            await _roll_back(conn, raw)
-            raise
+    async with autocommit(engine) as conn, _driver_transaction(conn, await _driver_connection(conn)):
+        yield conn
 
 
 @asynccontextmanager
@@ -249,20 +236,26 @@ async def pooled_transaction(engine: AsyncEngine) -> AsyncIterator[Pooled]:
     statements only: without SQLAlchemy's checkout and return, which cost a drain round
     more of the node's time than any of its statements. Commits when the block ends,
     rolls back if it raises."""
-    async with pooled(engine) as conn:
-        async with _translated(conn, conn.raw, "BEGIN", ()):
-            await conn.raw.execute("BEGIN")
-        try:
-            yield conn
-        except BaseException:
-            await _roll_back(conn, conn.raw)
-            raise
-        try:
-            async with _translated(conn, conn.raw, "COMMIT", ()):
-                await conn.raw.execute("COMMIT")
-        except BaseException:
-            await _roll_back(conn, conn.raw)
-            raise
+    async with pooled(engine) as conn, _driver_transaction(conn, conn.raw):
+        yield conn
+
+
+@asynccontextmanager
+async def _driver_transaction(conn: Executor, raw: DriverConnection) -> AsyncIterator[None]:
+    """BEGIN on `raw`; COMMIT when the block ends, ROLLBACK if it (or the commit) raises."""
+    async with _translated(conn, raw, "BEGIN", ()):
+        await raw.execute("BEGIN")
+    try:
+        yield
+    except BaseException:
+        await _roll_back(conn, raw)
+        raise
+    try:
+        async with _translated(conn, raw, "COMMIT", ()):
+            await raw.execute("COMMIT")
+    except BaseException:
+        await _roll_back(conn, raw)
+        raise
 
 
 async def _roll_back(conn: Executor, raw: DriverConnection) -> None:

@@ -304,18 +304,19 @@ def table(ceilings: dict[str, Any], peers: dict[str, Any] | None) -> str:
     return "\n".join(lines)
 
 
-def ablation_table(variants: dict[str, dict[str, Any]]) -> str:
-    """Each workload's ceiling as built and without each part, as a ratio to as built."""
-    ablations = [v for v in ABLATIONS if v.name in variants]
+def ablation_table(as_built: dict[str, Any], ablations: dict[str, dict[str, Any]]) -> str:
+    """Each workload's ceiling as built (`workloads` of the JSON) and without each part
+    (`ablations`: variant name -> its workloads), as a ratio to as built."""
+    measured = [v for v in ABLATIONS if v.name in ablations]
     lines = [
-        "| measure | as built | " + " | ".join(v.label for v in ablations) + " |",
-        "|---|---|" + "---|" * len(ablations),
+        "| measure | as built | " + " | ".join(v.label for v in measured) + " |",
+        "|---|---|" + "---|" * len(measured),
     ]
     for workload in WORKLOADS:
-        built = variants[AS_BUILT.name][workload.name]["jobs_per_s"]
+        built = as_built[workload.name]["jobs_per_s"]
         cells = [
             f"{figure(rate, ' /s')} ({ratio(rate, built)})"
-            for rate in (variants[v.name][workload.name]["jobs_per_s"] for v in ablations)
+            for rate in (ablations[v.name][workload.name]["jobs_per_s"] for v in measured)
         ]
         lines.append(f"| {workload.label} | {figure(built, ' /s')} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -331,14 +332,15 @@ def main() -> None:
     results = asyncio.run(measure(server_url(), args.seconds, args.runs, ablate=not args.no_ablations))
     for figures in results[AS_BUILT.name].values():
         print(f"{figures['label']}: {figures['jobs_per_s']:,.0f} jobs/s")
-    if len(results) > 1:
-        print(ablation_table(results))
+    ablations = {name: figures for name, figures in results.items() if name != AS_BUILT.name}
+    if ablations:
+        print(ablation_table(results[AS_BUILT.name], ablations))
     if args.json:
         document = {
             "seconds": args.seconds,
             "runs": args.runs,
             "workloads": results[AS_BUILT.name],
-            "ablations": {name: figures for name, figures in results.items() if name != AS_BUILT.name},
+            "ablations": ablations,
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
 

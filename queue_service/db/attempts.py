@@ -300,7 +300,7 @@ class Ending:
 
 
 async def end_attempt(
-    conn: AsyncConnection,
+    conn: driver.Executor,
     job_id: str,
     lease_token: uuid.UUID | None,
     end: AttemptEnd,

@@ -54,14 +54,15 @@ class LogEntry:
     data: Mapping[str, Any] = field(default_factory=dict)
 
 
-# Insert the entries `log_arrays` gives, as part of a larger statement (a CTE body); the
-# caller may add a WHERE on `l.job_id`.
+# Insert the entries `log_arrays` gives, all at the instant `:now`, in the order given
+# (their ids in that order), alone or as the body of a CTE.
 LOG_INSERT_SQL: Final = """INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
         SELECT l.job_id, :now, l.attempt, l.level, l.event, l.message, CAST(l.data AS jsonb)
         FROM unnest(
             CAST(:log_jobs AS text[]), CAST(:log_attempts AS integer[]), CAST(:log_levels AS text[]),
             CAST(:log_events AS text[]), CAST(:log_messages AS text[]), CAST(:log_data AS text[])
-        ) AS l(job_id, attempt, level, event, message, data)"""
+        ) WITH ORDINALITY AS l(job_id, attempt, level, event, message, data, place)
+        ORDER BY l.place"""
 
 
 def log_arrays(entries: Sequence[LogEntry]) -> dict[str, list[Any]]:
@@ -76,27 +77,18 @@ def log_arrays(entries: Sequence[LogEntry]) -> dict[str, list[Any]]:
     }
 
 
-# Entries each at its own instant, in the order given (ids in insertion order).
-_WRITE_LOG_SQL: Final = driver.Statement(
-    sa.text(
-        """
-    INSERT INTO job_events (job_id, at, attempt, level, event, message, data)
-    SELECT l.job_id, l.at, l.attempt, l.level, l.event, l.message, CAST(l.data AS jsonb)
-    FROM unnest(
-        CAST(:log_jobs AS text[]), CAST(:log_at AS timestamptz[]), CAST(:log_attempts AS integer[]),
-        CAST(:log_levels AS text[]), CAST(:log_events AS text[]), CAST(:log_messages AS text[]),
-        CAST(:log_data AS text[])
-    ) WITH ORDINALITY AS l(job_id, at, attempt, level, event, message, data, place)
-    ORDER BY l.place
-    """
-    )
-)
+_WRITE_LOG_SQL: Final = driver.Statement(sa.text(LOG_INSERT_SQL))
 
 
 async def write_log(conn: driver.Executor, entries: Sequence[LogEntry]) -> None:
+    """Write `entries`, which share one instant (each change's entries are stamped
+    with the time of the change), in the order given."""
     if not entries:
         return
-    await driver.execute(conn, _WRITE_LOG_SQL, {**log_arrays(entries), "log_at": [e.at for e in entries]})
+    instants = {entry.at for entry in entries}
+    if len(instants) > 1:
+        raise ValueError(f"log entries written together share one instant, not {len(instants)}")
+    await driver.execute(conn, _WRITE_LOG_SQL, {**log_arrays(entries), "now": entries[0].at})
 
 
 @lru_cache(maxsize=256)

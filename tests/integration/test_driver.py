@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
@@ -12,9 +13,10 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from queue_service.db import driver
+from queue_service.db import driver, jobs
 from queue_service.db.engine import autocommit, create_engine, translate_errors
 from queue_service.db.errors import JobIdConflict
+from queue_service.db.events import LogEntry, write_log
 from queue_service.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -294,3 +296,37 @@ async def test_a_server_the_driver_pool_cannot_reach_is_an_operational_error() -
                 await driver.one(conn, driver.Statement(sa.text("SELECT 1 AS one")), {})
     finally:
         await engine.dispose()
+
+
+async def test_log_entries_written_together_read_back_in_the_order_given(engine: AsyncEngine) -> None:
+    # One change's entries share its instant, so only their order of writing orders them
+    # in the job's log (a failed attempt before its retry, say).
+    at = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    events = ["attempt_failed", "retry_scheduled", "requeued", "cancelled", "redriven", "failed"]
+    async with driver.transaction(engine) as conn:
+        await driver.execute(conn, _INSERT_JOB_ID, {"job_id": "job_logorder01"})
+        await write_log(conn, [LogEntry("job_logorder01", event, f"step {event}", at) for event in events])
+    async with engine.connect() as conn:
+        written = [entry for entry in await jobs.job_logs(conn, "job_logorder01") if entry["event"] in events]
+    assert [entry["event"] for entry in written] == events
+    assert {entry["at"] for entry in written} == {"2026-03-01T12:00:00.000000Z"}
+
+
+async def test_log_entries_of_different_instants_are_refused_and_nothing_is_written(engine: AsyncEngine) -> None:
+    at = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+    entries = [
+        LogEntry("job_logorder02", "requeued", "x", at),
+        LogEntry("job_logorder02", "failed", "y", at + timedelta(seconds=1)),
+    ]
+
+    async def insert_and_log() -> None:
+        async with driver.transaction(engine) as conn:
+            await driver.execute(conn, _INSERT_JOB_ID, {"job_id": "job_logorder02"})
+            await write_log(conn, entries)
+
+    with pytest.raises(ValueError, match="one instant"):
+        await insert_and_log()
+    async with engine.connect() as conn:
+        assert (
+            await conn.execute(sa.text("SELECT count(*) FROM jobs WHERE job_id = 'job_logorder02'"))
+        ).scalar_one() == 0
